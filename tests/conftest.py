@@ -1,0 +1,27 @@
+"""Shared fixtures: one local Ray and one MLflow SQLite store per test session."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray (2 logical CPUs, like this machine), started once for all tests."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """A real MLflow SQLite store, created once (schema migrations take ~20 s)."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    return f"sqlite:///{path}"

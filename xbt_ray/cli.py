@@ -1,0 +1,44 @@
+"""`xbt`: the command line. Each subcommand is `--config FILE` plus `key=value` overrides."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from xbt_ray.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xbt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "the whole chain: world/models, embed, stage 1, evaluate"),
+                            ("world", "build the demo world's shards (cached by recipe)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
+        p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        overrides = list(args.overrides) + ([f"run_name={args.run_name}"] if args.run_name else [])
+        config = load_config(args.config, overrides)
+        if args.command == "run":
+            from xbt_ray.pipeline import run_pipeline
+
+            run_pipeline(config)
+        elif args.command == "world":
+            from xbt_ray.pipeline import build_demo_world
+
+            print(build_demo_world(config))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"xbt: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

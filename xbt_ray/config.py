@@ -1,0 +1,266 @@
+"""Run configuration: YAML files plus `key=value` overrides, validated at load.
+
+The schema is the dataclass tree below. A YAML file only lists what it changes; `load_config`
+merges it over the defaults, applies command-line overrides (`stage1.lr=3e-4`), and checks every
+key and type, failing with a one-line `ConfigError` that names the bad key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line."""
+
+
+@dataclass
+class WorldConfig:
+    """The procedurally drawn demo world (used when `data.*` paths are empty)."""
+
+    seed: int = 0
+    image_size: int = 64
+    objects_min: int = 2
+    objects_max: int = 3
+    n_train_images: int = 8000
+    n_text_captions: int = 20000
+    n_eval_images: int = 500
+    captions_per_eval_image: int = 5
+    rows_per_shard: int = 1000
+    broken_fraction: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    """An open_clip model: `pretrained` is an open_clip tag, a local checkpoint path, or empty
+    (demo models only: trained on the demo world by the pipeline itself)."""
+
+    name: str = ""
+    pretrained: str = ""
+
+
+@dataclass
+class ClipTrainConfig:
+    """Contrastive training of one demo CLIP model on the demo world."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are. Empty means: build and use the demo world."""
+
+    image_text: str = ""   # img2dataset parquet dir / glob, or webdataset .tar dir / glob
+    text: str = ""         # text-only caption corpus (parquet with key, txt)
+    eval: str = ""         # held-out split dir with images/ and captions.parquet
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 256
+    num_actors: int = 1
+    actor_num_cpus: float = 1.0
+    dtype: str = "float16"
+
+
+@dataclass
+class ProjectorConfig:
+    depth: int = 2            # residual MLP blocks; 0 = linear only
+    width: int = 512          # hidden width of each MLP block
+    procrustes_init: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """How a Ray Train + DeepSpeed run is laid out."""
+
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    zero_stage: int = 1
+    precision: str = "fp32"   # fp32 | bf16
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    noise_sigma: float = 0.1
+    temperature: float = 0.05
+    cosine_weight: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    chunk_size: int = 4096
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""    # empty: sqlite store `mlflow.db` in the working directory
+    experiment: str = "xbt-ray"
+
+
+@dataclass
+class Config:
+    run_name: str = "demo"
+    output_dir: str = "runs"
+    cache_dir: str = ".cache/xbt"
+    seed: int = 0
+    ray_address: str = ""     # empty: RAY_ADDRESS or a local Ray
+    world: WorldConfig = field(default_factory=WorldConfig)
+    old: ModelConfig = field(default_factory=lambda: ModelConfig(name="xbt-demo-old"))
+    new: ModelConfig = field(default_factory=lambda: ModelConfig(name="xbt-demo-new"))
+    train_old: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(epochs=2))
+    train_new: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(epochs=6))
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).absolute() / self.run_name
+
+    def validate(self) -> None:
+        checks = [
+            (self.embed.dtype in ("float16", "float32"), "embed.dtype must be float16 or float32"),
+            (self.trainer.precision in ("fp32", "bf16"), "trainer.precision must be fp32 or bf16"),
+            (self.trainer.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3"),
+            (self.trainer.num_workers >= 1, "trainer.num_workers must be >= 1"),
+            (self.projector.depth >= 0, "projector.depth must be >= 0"),
+            (self.stage1.noise_sigma >= 0, "stage1.noise_sigma must be >= 0"),
+            (self.stage1.temperature > 0, "stage1.temperature must be > 0"),
+            (0 <= self.world.broken_fraction < 0.5, "world.broken_fraction must be in [0, 0.5)"),
+            (1 <= self.world.objects_min <= self.world.objects_max,
+             "world.objects_min must be >= 1 and <= world.objects_max"),
+            (bool(self.old.name) and bool(self.new.name), "old.name and new.name must be set"),
+            (all(k >= 1 for k in self.eval.ks), "eval.ks must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def _coerce(value, annotation, key: str):
+    """Check (and gently convert) one value against its dataclass annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if annotation is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type")
+
+
+def _merge(obj, updates: dict, prefix: str = ""):
+    """Return a copy of dataclass `obj` with nested `updates` applied, every key checked."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, full + ".")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['stage1.lr=3e-4', 'world.seed=2'] into a nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides; validated. Raises ConfigError with one line."""
+    config = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}")
+        config = _merge(config, loaded)
+    if overrides:
+        config = _merge(config, parse_overrides(overrides))
+    config.validate()
+    return config
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,132 @@
+"""The embedding cache: parquet files, one directory per (model, dataset, modality).
+
+Columns: `key` (string), `image_id` (string), `emb` (fixed-size list of float16/float32).
+Schema metadata (every file): `xbt.model`, `xbt.pretrained`, `xbt.dim`, `xbt.normalized`,
+`xbt.dataset`, `xbt.modality`. A directory is complete once `_SUCCESS.json` (the row counts) is
+written; readers refuse files whose metadata disagrees with what they expect. A user can bring
+embeddings exported from a vector store in this format (see `write_embeddings`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xbt_ray.config import ConfigError
+
+META_FIELDS = ("model", "pretrained", "dim", "normalized", "dataset", "modality")
+SUCCESS = "_SUCCESS.json"
+
+
+@dataclass
+class Embeddings:
+    keys: np.ndarray        # (N,) str
+    image_ids: np.ndarray   # (N,) str
+    emb: np.ndarray         # (N, dim) float32
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def cache_path(root: str | Path, model_fp: str, dataset_fp: str, modality: str) -> Path:
+    return Path(root).absolute() / "embeddings" / model_fp / dataset_fp / modality
+
+
+def make_meta(model: str, pretrained: str, dim: int, dataset: str, modality: str,
+              normalized: bool = True) -> dict:
+    return {"model": model, "pretrained": pretrained, "dim": int(dim),
+            "normalized": bool(normalized), "dataset": dataset, "modality": modality}
+
+
+def write_part(directory: Path, index: int, keys, image_ids, emb: np.ndarray, meta: dict,
+               dtype: str = "float16") -> Path:
+    """Write one parquet part of the cache with the contract's schema and metadata."""
+    directory.mkdir(parents=True, exist_ok=True)
+    emb = np.ascontiguousarray(emb, dtype=np.dtype(dtype))
+    dim = emb.shape[1]
+    value_type = pa.float16() if emb.dtype == np.float16 else pa.float32()
+    emb_col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=value_type), dim)
+    table = pa.table({"key": pa.array(list(keys), pa.string()),
+                      "image_id": pa.array(list(image_ids), pa.string()),
+                      "emb": emb_col})
+    table = table.replace_schema_metadata({f"xbt.{k}": json.dumps(v) for k, v in meta.items()})
+    path = directory / f"part-{index:05d}.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def write_embeddings(directory: Path, keys, image_ids, emb: np.ndarray, meta: dict,
+                     rows_per_file: int = 100_000, dtype: str = "float16") -> None:
+    """Write a whole embedding set (e.g. exported from a vector store) as a complete cache dir."""
+    for i, start in enumerate(range(0, len(keys), rows_per_file)):
+        end = start + rows_per_file
+        write_part(directory, i, keys[start:end], image_ids[start:end], emb[start:end], meta, dtype)
+    mark_complete(directory, {"rows_in": len(keys), "rows_embedded": len(keys), "skipped": {}})
+
+
+def mark_complete(directory: Path, counts: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SUCCESS).write_text(json.dumps(counts, indent=2))
+
+
+def completed_counts(directory: Path) -> dict | None:
+    """The row counts of a complete cache directory, or None if it is absent or unfinished."""
+    marker = Path(directory) / SUCCESS
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def read_meta(path: Path) -> dict:
+    raw = pq.read_schema(path).metadata or {}
+    meta = {}
+    for name in META_FIELDS:
+        value = raw.get(f"xbt.{name}".encode())
+        if value is None:
+            raise ConfigError(f"{path} is not an xbt embedding file: metadata 'xbt.{name}' missing")
+        meta[name] = json.loads(value)
+    return meta
+
+
+def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embeddings:
+    """Read a complete cache directory. `expect` maps metadata fields to required values."""
+    directory = Path(directory)
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise ConfigError(f"no embedding files (part-*.parquet) in {directory}")
+    meta = read_meta(files[0])
+    for field, wanted in (expect or {}).items():
+        if meta.get(field) != wanted:
+            raise ConfigError(f"embedding cache {directory} has {field}={meta.get(field)!r}, "
+                              f"expected {wanted!r}")
+    keys, image_ids, embs = [], [], []
+    for f in files:
+        if read_meta(f) != meta:
+            raise ConfigError(f"embedding file {f} has metadata that differs from {files[0].name}")
+        table = pq.read_table(f)
+        emb_col = table.column("emb").combine_chunks()
+        dim = emb_col.type.list_size
+        if dim != meta["dim"]:
+            raise ConfigError(f"embedding file {f} has dim {dim}, metadata says {meta['dim']}")
+        emb = emb_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+        if not np.isfinite(emb).all():
+            raise ConfigError(f"embedding file {f} contains NaN or inf values")
+        keys.append(table.column("key").to_numpy(zero_copy_only=False))
+        ids = table.column("image_id") if "image_id" in table.column_names else table.column("key")
+        image_ids.append(ids.to_numpy(zero_copy_only=False))
+        embs.append(emb)
+    return Embeddings(np.concatenate(keys).astype(object), np.concatenate(image_ids).astype(object),
+                      np.concatenate(embs), meta)
+
+
+def align(a: Embeddings, b: Embeddings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a and b that share a key, in a's order: (keys, a_emb, b_emb)."""
+    index = {k: i for i, k in enumerate(b.keys)}
+    rows = [(i, index[k]) for i, k in enumerate(a.keys) if k in index]
+    if not rows:
+        raise ConfigError("the two embedding sets share no keys")
+    ia, ib = (np.array(x) for x in zip(*rows))
+    return a.keys[ia], a.emb[ia], b.emb[ib]

@@ -1,0 +1,211 @@
+"""LAION-style shards read with Ray Data, and the CPU stage that decodes and validates rows.
+
+Sources are img2dataset parquet (`key`, `jpg` bytes, `txt`, `status`, ...) or webdataset tars
+(`<key>.jpg`, `<key>.txt`). Raw bytes travel through the read; decoding happens in a CPU stage
+(`decode_images`, `prepare_texts`) that never drops a row: a bad row is kept with a non-empty
+`skip_reason`, so whoever consumes the stream can count it (rows in = rows used + rows skipped).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import open_clip
+from PIL import Image
+
+from xbt_ray.config import ConfigError
+
+# Decompression-bomb guard: refuse images whose pixel count exceeds this.
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def list_shards(source: str) -> list[str]:
+    """Shard files of a directory or glob (parquet or tar), sorted. One-line error if none."""
+    if os.path.isdir(source):
+        files = [str(p) for p in sorted(Path(source).iterdir()) if p.suffix in (".parquet", ".tar")]
+    else:
+        files = sorted(f for f in glob.glob(source) if f.endswith((".parquet", ".tar")))
+    if not files:
+        raise ConfigError(f"no .parquet or .tar shards found at {source}")
+    kinds = {Path(f).suffix for f in files}
+    if len(kinds) > 1:
+        raise ConfigError(f"{source} mixes parquet and tar shards; point at one kind")
+    return [os.path.abspath(f) for f in files]
+
+
+def dataset_fingerprint(files: list[str]) -> str:
+    """Identity of a set of shard files (names, sizes, modification times)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        digest.update(f"{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def read_rows(files: list[str], columns: list[str]):
+    """A Ray Dataset with the requested columns of `key, image_id, jpg, txt` (raw values).
+
+    `image_id` defaults to `key` when the shards have none (one caption per image).
+    """
+    import ray.data
+
+    if files[0].endswith(".tar"):
+        ds = ray.data.read_webdataset(files, decoder=None).map_batches(
+            _webdataset_columns, batch_format="pyarrow"
+        )
+    else:
+        import pyarrow.parquet as pq
+
+        available = set(pq.read_schema(files[0]).names)
+        wanted = [c for c in columns if c in available]
+        missing = {c for c in columns if c not in available} - {"image_id"}
+        if missing:
+            raise ConfigError(f"shards at {os.path.dirname(files[0])} lack columns {sorted(missing)}")
+        ds = ray.data.read_parquet(files, columns=wanted)
+    if "image_id" in columns:
+        ds = ds.map_batches(_default_image_id, batch_format="pyarrow")
+    return ds
+
+
+def _webdataset_columns(table):
+    import pyarrow as pa
+
+    names = table.column_names
+    out = {"key": table.column("__key__")}
+    out["jpg"] = table.column("jpg") if "jpg" in names else pa.nulls(len(table), pa.binary())
+    out["txt"] = table.column("txt") if "txt" in names else pa.nulls(len(table), pa.binary())
+    return pa.table(out)
+
+
+def _default_image_id(table):
+    if "image_id" in table.column_names:
+        return table
+    return table.append_column("image_id", table.column("key"))
+
+
+# ---------------------------------------------------------------- the CPU stage
+
+
+def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
+    """Raw bytes -> (uint8 array size x size x 3, "") or (None, skip reason).
+
+    Resize of the shortest side (bicubic) and centre crop, as open_clip's eval transform;
+    normalisation happens in the encoder, which knows its model's mean and std.
+    """
+    if data is None:
+        return None, "null_image"
+    if len(data) == 0:
+        return None, "empty_image"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                return None, "image_too_large"
+            img.load()
+            img = img.convert("RGB")
+    except Image.DecompressionBombError:
+        return None, "image_too_large"
+    except Exception:  # PIL raises many types for bad bytes; all mean the same here
+        return None, "undecodable_image"
+    scale = size / min(img.width, img.height)
+    if scale != 1:
+        new = (max(size, round(img.width * scale)), max(size, round(img.height * scale)))
+        img = img.resize(new, Image.Resampling.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8), ""
+
+
+def check_caption(txt) -> tuple[str | None, str]:
+    """A caption (str or utf-8 bytes) -> (clean text, "") or (None, skip reason)."""
+    if txt is None:
+        return None, "null_caption"
+    if isinstance(txt, (bytes, bytearray)):
+        try:
+            txt = bytes(txt).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "non_utf8_caption"
+    txt = " ".join(txt.split())
+    if not txt:
+        return None, "empty_caption"
+    return txt, ""
+
+
+def decode_images(batch: dict, size: int, with_captions: bool = False) -> dict:
+    """Ray Data batch UDF: adds `pixels` (B x size x size x 3 uint8) and `skip_reason`.
+
+    With `with_captions`, a row is also skipped when its caption is unusable (image-text pairs).
+    """
+    n = len(batch["key"])
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    reasons = []
+    captions = []
+    for i in range(n):
+        array, reason = decode_image(batch["jpg"][i], size)
+        caption = None
+        if with_captions:
+            caption, caption_reason = check_caption(batch["txt"][i])
+            reason = reason or caption_reason
+        if array is not None and not reason:
+            pixels[i] = array
+        reasons.append(reason)
+        captions.append(caption or "")
+    out = {"key": _as_str(batch["key"]), "image_id": _as_str(batch["image_id"]),
+           "pixels": pixels, "skip_reason": np.array(reasons, dtype=object)}
+    if with_captions:
+        out["txt"] = np.array(captions, dtype=object)
+    return out
+
+
+@functools.cache
+def _tokenizer(model_name: str):
+    from xbt_ray.models.clip import register_demo_configs
+
+    register_demo_configs()
+    return open_clip.get_tokenizer(model_name)
+
+
+def tokenize(texts: list[str], model_name: str) -> np.ndarray:
+    return _tokenizer(model_name)(list(texts)).numpy()
+
+
+def prepare_texts(batch: dict, model_name: str) -> dict:
+    """Ray Data batch UDF: validates captions and adds `tokens` and `skip_reason`."""
+    checked = [check_caption(t) for t in batch["txt"]]
+    clean = [c if c is not None else "" for c, _ in checked]
+    return {"key": _as_str(batch["key"]), "image_id": _as_str(batch["image_id"]),
+            "tokens": tokenize(clean, model_name),
+            "skip_reason": np.array([r for _, r in checked], dtype=object)}
+
+
+def decode_pairs(batch: dict, size: int, model_name: str) -> dict:
+    """Ray Data batch UDF for image-text training pairs: pixels, tokens, skip_reason."""
+    out = decode_images(batch, size, with_captions=True)
+    out["tokens"] = tokenize(list(out.pop("txt")), model_name)
+    return out
+
+
+def drop_skipped(ds):
+    """Materialise a decoded dataset, count its skipped rows by reason, keep the usable rows.
+
+    Returns (dataset of usable rows, {"rows_in", "rows_used", "skipped": {reason: n}}).
+    """
+    from collections import Counter
+
+    ds = ds.materialize()
+    reasons = Counter(r for batch in ds.select_columns(["skip_reason"]).iter_batches(
+        batch_format="numpy") for r in batch["skip_reason"])
+    skipped = {r: n for r, n in reasons.items() if r}
+    rows_in = sum(reasons.values())
+    counts = {"rows_in": rows_in, "rows_used": reasons.get("", 0), "skipped": skipped}
+    return ds.filter(lambda row: row["skip_reason"] == ""), counts
+
+
+def _as_str(values) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)

@@ -1,0 +1,101 @@
+"""open_clip models by `name` + `pretrained`, and the project's tiny demo configs.
+
+`pretrained` is an open_clip tag (e.g. "openai", downloads in the real world), a local checkpoint
+file (.safetensors / .bin / .pt, loaded with weights_only), or empty (random init: only the demo
+world's models start that way, before the pipeline trains them).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from xbt_ray.config import ConfigError, ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def register_demo_configs() -> None:
+    """Make the tiny demo model configs (xbt-demo-old, xbt-demo-new, ...) known to open_clip."""
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def is_project_config(name: str) -> bool:
+    """True for the tiny configs this project ships (trained on the demo world, never downloaded)."""
+    return (CONFIG_DIR / f"{name}.json").is_file()
+
+
+def model_config(name: str) -> dict:
+    register_demo_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ConfigError(f"unknown open_clip model '{name}' (see open_clip.list_models())")
+    return cfg
+
+
+def image_size(name: str) -> int:
+    size = model_config(name)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def load_clip(model: ModelConfig, device: str | torch.device = "cpu"):
+    """Build an open_clip model; returns (model in eval mode, tokenizer)."""
+    model_config(model.name)
+    pretrained = model.pretrained or None
+    if pretrained and os.sep in pretrained and not os.path.isfile(pretrained):
+        raise ConfigError(f"checkpoint file not found: {pretrained}")
+    clip = open_clip.create_model(model.name, pretrained=pretrained, device=device)
+    clip.eval()
+    return clip, open_clip.get_tokenizer(model.name)
+
+
+def save_clip(clip: torch.nn.Module, path: Path) -> Path:
+    """Write the model's weights as a safetensors file open_clip can load as `pretrained`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.rename(path)
+    return path
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_id(model: ModelConfig) -> str:
+    """The pretrained tag, or `sha256:<hex>` of a local checkpoint file."""
+    if model.pretrained and os.path.isfile(model.pretrained):
+        st = os.stat(model.pretrained)
+        return "sha256:" + _file_sha256(os.path.abspath(model.pretrained), st.st_size, st.st_mtime_ns)
+    return model.pretrained or "random-init"
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """Short id of (architecture, weights); names the model's embedding cache directory."""
+    ident = f"{model.name}|{pretrained_id(model)}"
+    return f"{model.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def pixels_to_input(pixels: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) from the CPU stage -> the normalised float input of the tower."""
+    mean = torch.tensor(preprocess_cfg["mean"], device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"], device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float().div(255) - mean) / std
+
+
+def embed_dim(name: str) -> int:
+    return model_config(name)["embed_dim"]

@@ -1,0 +1,70 @@
+"""MLflow: one run per pipeline run; params, metrics, the resolved config and the reports.
+
+Default store: SQLite `mlflow.db` in the working directory, artifacts beside it in `mlartifacts/`
+(an explicit artifact location, so Ray workers with other working directories agree).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from xbt_ray.config import Config, config_to_dict, flatten
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def tracking_uri(config: Config) -> str:
+    return config.tracking.tracking_uri or f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def metric_name(*parts: str) -> str:
+    """'xbt->old', 'i2t', 'R@1' -> 'xbt_to_old.i2t.R1' (MLflow allows no '@' or '>')."""
+    text = ".".join(parts).replace("->", "_to_").replace("@", "")
+    return _UNSAFE.sub("_", text)
+
+
+def start_run(config: Config):
+    """Open (or create) the experiment and start this pipeline run; returns the active run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(config))
+    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        artifacts = Path("mlartifacts").absolute() / config.tracking.experiment
+        mlflow.create_experiment(config.tracking.experiment, artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(config.tracking.experiment)
+    run = mlflow.start_run(run_name=config.run_name)
+    params = {k: str(v)[:500] for k, v in flatten(config_to_dict(config)).items()}
+    mlflow.log_params(params)
+    return run
+
+
+def log_report(report: dict) -> None:
+    """Every recall, gain and RSUM of a report as metrics."""
+    import mlflow
+
+    metrics = {}
+    for row in report["rows"]:
+        for direction in ("i2t", "t2i"):
+            for name, value in row[direction].items():
+                metrics[metric_name(row["method"], direction, name)] = value
+            for name, value in (row.get("update_gain") or {}).get(direction, {}).items():
+                if value is not None:
+                    metrics[metric_name(row["method"], "gain", direction, name)] = value
+        metrics[metric_name(row["method"], "rsum")] = row["rsum"]
+    mlflow.log_metrics(metrics)
+
+
+def log_counts(prefix: str, counts: dict) -> None:
+    """Data accounting (rows in / used / skipped per reason) as metrics."""
+    import mlflow
+
+    metrics = {}
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            for reason, n in value.items():
+                metrics[metric_name(prefix, key, reason)] = n
+        elif isinstance(value, (int, float)):
+            metrics[metric_name(prefix, key)] = value
+    if metrics:
+        mlflow.log_metrics(metrics)

@@ -1,0 +1,102 @@
+"""Recipe: train a demo CLIP model from scratch on the demo world's image-text shards.
+
+open_clip model + open_clip's contrastive loss (global batch, gathered with gradient), run by
+Ray Train with a DeepSpeed engine. The demo world needs an "old" and a "new" model that differ
+in strength the way real CLIP generations do; `configs/demo.yaml` sets their recipes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+
+from xbt_ray.config import ClipTrainConfig, ModelConfig, TrainerConfig
+from xbt_ray.data import embed, shards
+from xbt_ray.models import clip
+from xbt_ray.train import distributed
+
+log = logging.getLogger(__name__)
+
+
+def clip_loop(config: dict) -> None:
+    """Per-worker training loop."""
+    import ray.train
+
+    trainer: TrainerConfig = config["trainer"]
+    recipe: ClipTrainConfig = config["recipe"]
+    rank, world = distributed.worker_setup(trainer, config["seed"])
+    clip.register_demo_configs()
+    model = open_clip.create_model(config["model_name"])
+    # DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give.
+    model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+    start_epoch = 0
+    resumed = distributed.resume_state()
+    if resumed:
+        weights, info = resumed
+        model.load_state_dict(weights)
+        start_epoch = info["epoch"] + 1
+
+    micro = recipe.batch_size // world
+    steps_per_epoch = config["rows"] // recipe.batch_size
+    engine = distributed.make_engine(
+        model, model.parameters(), trainer, micro, recipe.lr, recipe.weight_decay,
+        total_steps=steps_per_epoch * recipe.epochs, warmup_steps=recipe.warmup_steps,
+        start_step=steps_per_epoch * start_epoch)
+    dtype = distributed.engine_dtype(engine)
+    loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                 world_size=world)
+    preprocess = model.visual.preprocess_cfg
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, recipe.epochs):
+        engine.train()
+        total, steps = 0.0, 0
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True,
+                                              local_shuffle_buffer_size=4 * micro,
+                                              local_shuffle_seed=config["seed"] + epoch):
+            images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
+            image_f, text_f, scale = engine(images.to(dtype), batch["tokens"].to(engine.device))
+            loss = loss_fn(image_f.float(), text_f.float(), scale.float())
+            engine.backward(loss)
+            engine.step()
+            with torch.no_grad():
+                engine.module.logit_scale.clamp_(0, math.log(100))
+            total += loss.item()
+            steps += 1
+        metrics = {"epoch": epoch, "loss": total / max(1, steps), "steps": steps}
+        if rank == 0:
+            log.info("%s epoch %d: loss %.4f over %d steps", config["model_name"], epoch,
+                     metrics["loss"], steps)
+        distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch}, rank)
+
+
+def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str],
+                    trainer: TrainerConfig, out_path: Path, storage_path: Path, seed: int) -> dict:
+    """Train `model.name` from scratch on image-text shards and save it to `out_path`.
+
+    Returns the data counts (rows in / used / skipped by reason).
+    """
+    ds = shards.read_rows(files, ["key", "image_id", "jpg", "txt"]).map_batches(
+        shards.decode_pairs,
+        fn_kwargs={"size": clip.image_size(model.name), "model_name": model.name},
+        batch_size=256, num_cpus=embed.CPU_STAGE_NUM_CPUS)
+    train_ds, counts = shards.drop_skipped(ds)
+    log.info("demo CLIP %s data: rows in %d = used %d + skipped %s", model.name,
+             counts["rows_in"], counts["rows_used"], counts["skipped"])
+    if counts["rows_used"] < recipe.batch_size:
+        raise ValueError(f"only {counts['rows_used']} usable image-text rows, fewer than one "
+                         f"batch of {recipe.batch_size}")
+    result = distributed.fit(
+        clip_loop,
+        {"trainer": trainer, "recipe": recipe, "seed": seed, "model_name": model.name,
+         "rows": counts["rows_used"]},
+        trainer, run_name=f"demo-clip-{out_path.stem}", storage_path=storage_path,
+        datasets={"train": train_ds.select_columns(["pixels", "tokens"])})
+    weights, _ = distributed.load_result_checkpoint(result)
+    trained = open_clip.create_model(model.name)
+    weights["logit_scale"] = weights["logit_scale"].reshape(trained.logit_scale.shape)
+    trained.load_state_dict(weights)
+    clip.save_clip(trained, out_path)
+    return counts

@@ -1,0 +1,134 @@
+"""Ray Train + DeepSpeed plumbing shared by every training recipe.
+
+A recipe is a per-worker function `loop(config)` run by `fit(...)` in a TorchTrainer. Inside it,
+`make_engine` wraps the trainable module in a DeepSpeed engine (ZeRO stage and precision from
+`TrainerConfig`; CPU accelerator here, CUDA on a GPU cluster), and `report_epoch` reports metrics
+with a checkpoint that holds only the trained tensors (safetensors) plus a small JSON state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xbt_ray.config import TrainerConfig
+
+WEIGHTS = "weights.safetensors"
+STATE = "state.json"
+
+
+def deepspeed_config(trainer: TrainerConfig, micro_batch: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": trainer.zero_stage},
+        "bf16": {"enabled": trainer.precision == "bf16"},
+        "steps_per_print": 1_000_000_000,
+    }
+
+
+def worker_setup(trainer: TrainerConfig, seed: int) -> tuple[int, int]:
+    """Threads and seeds for this worker; returns (rank, world_size)."""
+    import ray.train
+
+    torch.set_num_threads(max(1, int(trainer.cpus_per_worker)))
+    torch.manual_seed(seed)
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def make_engine(module: torch.nn.Module, params, trainer: TrainerConfig, micro_batch: int,
+                lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
+                start_step: int = 0):
+    """A DeepSpeed engine with AdamW and a linear-warmup cosine schedule (from `start_step`)."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total_steps = max(1, total_steps)
+
+    def schedule(step: int) -> float:
+        step += start_step
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(trainer, micro_batch))
+    return engine
+
+
+def engine_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+def trained_state(engine, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the module's parameters (gathered under ZeRO-3); all ranks call this."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    wanted = [n for n in params if names is None or n in names]
+    with deepspeed.zero.GatheredParameters([params[n] for n in wanted],
+                                           enabled=engine.zero_optimization_stage() == 3):
+        return {n: params[n].detach().float().cpu().clone() for n in wanted}
+
+
+def report_epoch(metrics: dict, state: dict[str, torch.Tensor], info: dict, rank: int) -> None:
+    """Every rank calls this once per epoch; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS))
+        Path(tmp, STATE).write_text(json.dumps(info))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def resume_state() -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(weights, info) of the run's latest checkpoint, when Ray Train restored one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return load_file(os.path.join(d, WEIGHTS)), json.loads(Path(d, STATE).read_text())
+
+
+def load_result_checkpoint(result) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, info) of a finished TorchTrainer result's last checkpoint."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run produced no checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as d:
+        return load_file(os.path.join(d, WEIGHTS)), json.loads(Path(d, STATE).read_text())
+
+
+def fit(loop, loop_config: dict, trainer: TrainerConfig, run_name: str, storage_path: Path,
+        datasets: dict | None = None):
+    """Run `loop` on `trainer.num_workers` Ray Train workers; re-running the same name resumes."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": trainer.cpus_per_worker}
+    if trainer.use_gpu:
+        resources["GPU"] = 1
+    result = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=trainer.num_workers, use_gpu=trainer.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).absolute()),
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets or {},
+    ).fit()
+    if result.error:
+        raise RuntimeError(f"training run {run_name} failed: {result.error}")
+    return result
