@@ -176,6 +176,11 @@ def _coerce(value, annotation, key: str):
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
     if annotation is str:
         if value is None:

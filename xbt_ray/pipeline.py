@@ -173,8 +173,16 @@ def evaluate_step(config: Config, embedded: dict, stage1_dir: Path, dataset: str
         return compatibility_report(split, projected, config.eval, dataset, "held-out split")
 
 
-def run_pipeline(config: Config) -> dict:
-    """Run every step; returns the report (also written to the run directory and MLflow)."""
+STEPS = ("embed", "stage1", "evaluate")
+
+
+def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
+    """Run the steps up to `until`, reusing finished ones; returns the report when evaluating.
+
+    The report is also written to the run directory and logged to MLflow.
+    """
+    if until not in STEPS:
+        raise ConfigError(f"unknown step '{until}', expected one of {STEPS}")
     import mlflow
 
     from xbt_ray import tracking
@@ -192,11 +200,15 @@ def run_pipeline(config: Config) -> dict:
         embedded = embed_step(config, sources, timings)
         for name, result in embedded.items():
             tracking.log_counts(f"data.{name}", result.counts)
+        if until == "embed":
+            return None
         stage1_dir = stage1_step(config, embedded, timings)
+        if until == "stage1":
+            return None
         report = evaluate_step(config, embedded, stage1_dir, sources.dataset, timings)
         report["models"] = {"old": dataclasses.asdict(sources.old),
                             "new": dataclasses.asdict(sources.new)}
-        report["data"] = {name: r.counts for name, r in embedded.items()}
+        report["data"] = {name: r.counts | {"reused": r.reused} for name, r in embedded.items()}
         timings["total"] = round(time.perf_counter() - started, 1)
         report["timings_s"] = timings
         json_path, md_path = write_report(report, run_dir)

@@ -48,6 +48,9 @@ def write_part(directory: Path, index: int, keys, image_ids, emb: np.ndarray, me
     """Write one parquet part of the cache with the contract's schema and metadata."""
     directory.mkdir(parents=True, exist_ok=True)
     emb = np.ascontiguousarray(emb, dtype=np.dtype(dtype))
+    if not np.isfinite(emb).all():
+        raise ConfigError(f"refusing to write non-finite embeddings (NaN/inf, or beyond {dtype}) "
+                          f"to {directory}")
     dim = emb.shape[1]
     value_type = pa.float16() if emb.dtype == np.float16 else pa.float32()
     emb_col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=value_type), dim)
@@ -92,7 +95,10 @@ def read_meta(path: Path) -> dict:
 
 
 def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embeddings:
-    """Read a complete cache directory. `expect` maps metadata fields to required values."""
+    """Read every part of a cache directory (ours, or one a user exported in this format).
+
+    `expect` maps metadata fields to required values; any mismatch is a one-line ConfigError.
+    """
     directory = Path(directory)
     files = sorted(directory.glob("part-*.parquet"))
     if not files:

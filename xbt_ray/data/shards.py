@@ -113,11 +113,13 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
         return None, "image_too_large"
     except Exception:  # PIL raises many types for bad bytes; all mean the same here
         return None, "undecodable_image"
-    scale = size / min(img.width, img.height)
-    if scale != 1:
-        new = (max(size, round(img.width * scale)), max(size, round(img.height * scale)))
-        img = img.resize(new, Image.Resampling.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
+    # Same arithmetic as torchvision's Resize(size) + CenterCrop(size), open_clip's eval transform.
+    short, long = sorted((img.width, img.height))
+    if short != size:
+        long = int(size * long / short)
+        img = img.resize((size, long) if img.width <= img.height else (long, size),
+                         Image.Resampling.BICUBIC)
+    left, top = int(round((img.width - size) / 2.0)), int(round((img.height - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8), ""
 

@@ -50,8 +50,10 @@ def load_clip(model: ModelConfig, device: str | torch.device = "cpu"):
     """Build an open_clip model; returns (model in eval mode, tokenizer)."""
     model_config(model.name)
     pretrained = model.pretrained or None
-    if pretrained and os.sep in pretrained and not os.path.isfile(pretrained):
-        raise ConfigError(f"checkpoint file not found: {pretrained}")
+    if pretrained and not os.path.isfile(pretrained) \
+            and not open_clip.get_pretrained_cfg(model.name, pretrained):
+        raise ConfigError(f"pretrained '{pretrained}' is neither a checkpoint file nor an "
+                          f"open_clip tag of {model.name}")
     clip = open_clip.create_model(model.name, pretrained=pretrained, device=device)
     clip.eval()
     return clip, open_clip.get_tokenizer(model.name)

@@ -1,0 +1,89 @@
+"""The embedding job on real shard files (webdataset tar and parquet) on the session's Ray."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xbt_ray.config import EmbedConfig, ModelConfig
+from xbt_ray.data import cache, shards
+from xbt_ray.data.embed import embed_shards
+from xbt_ray.models import clip
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tar_shard(tmp_path_factory):
+    """6 good samples and 3 broken ones: undecodable image, no image, empty caption."""
+    path = tmp_path_factory.mktemp("wds") / "shard-000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            _add(tar, f"s{i:03d}.jpg", _jpeg((40 * i, 100, 200)))
+            _add(tar, f"s{i:03d}.txt", f"a blue square number {i}".encode())
+        _add(tar, "s100.jpg", b"<html>not an image</html>")
+        _add(tar, "s100.txt", b"broken bytes")
+        _add(tar, "s101.txt", b"a caption without an image")
+        _add(tar, "s102.jpg", _jpeg((0, 0, 0)))
+        _add(tar, "s102.txt", b"   ")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A project model saved to a local checkpoint file, as a user would pass `pretrained`."""
+    clip_model, _ = clip.load_clip(ModelConfig(name="xbt-test-old"))
+    path = clip.save_clip(clip_model, tmp_path_factory.mktemp("models") / "old.safetensors")
+    return ModelConfig(name="xbt-test-old", pretrained=str(path))
+
+
+def test_webdataset_images_counted_and_cached(ray_session, tar_shard, model, tmp_path):
+    cfg = EmbedConfig(batch_size=4)
+    first = embed_shards(shards.list_shards(tar_shard), "image", model, tmp_path, cfg)
+    assert not first.reused
+    assert first.counts == {"rows_in": 9, "rows_embedded": 7,
+                            "skipped": {"undecodable_image": 1, "null_image": 1}}
+    table = cache.read_embeddings(first.directory, expect={"model": "xbt-test-old", "dim": 32,
+                                                           "modality": "image"})
+    assert sorted(table.keys) == sorted([f"s{i:03d}" for i in range(6)] + ["s102"])
+    np.testing.assert_allclose(np.linalg.norm(table.emb, axis=1), 1.0, atol=2e-3)
+    assert table.meta["pretrained"].startswith("sha256:")
+
+    second = embed_shards(shards.list_shards(tar_shard), "image", model, tmp_path, cfg)
+    assert second.reused and second.directory == first.directory
+    assert second.counts == first.counts
+
+
+def test_webdataset_texts_skip_empty_captions(ray_session, tar_shard, model, tmp_path):
+    result = embed_shards(shards.list_shards(tar_shard), "text", model, tmp_path,
+                          EmbedConfig(batch_size=4))
+    assert result.counts == {"rows_in": 9, "rows_embedded": 7,
+                             "skipped": {"null_caption": 1, "empty_caption": 1}}
+
+
+def test_embeddings_match_the_model_run_directly(ray_session, tar_shard, model, tmp_path):
+    """The actor pipeline gives the same vectors as calling the model in this process."""
+    import torch
+
+    result = embed_shards(shards.list_shards(tar_shard), "image", model, tmp_path,
+                          EmbedConfig(batch_size=3, dtype="float32"))
+    table = cache.read_embeddings(result.directory)
+    clip_model, _ = clip.load_clip(model)
+    row = list(table.keys).index("s002")
+    pixels, reason = shards.decode_image(_jpeg((80, 100, 200)), clip.image_size(model.name))
+    assert reason == ""
+    with torch.no_grad():
+        x = clip.pixels_to_input(torch.from_numpy(pixels)[None], clip_model.visual.preprocess_cfg)
+        direct = clip_model.encode_image(x, normalize=True)[0].numpy()
+    np.testing.assert_allclose(table.emb[row], direct, atol=1e-5)
