@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from xbt_ray.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,15 @@ def mlflow_uri(tmp_path_factory):
     """A real MLflow SQLite store, created once (schema migrations take ~20 s)."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, mlflow_uri, tmp_path_factory):
+    """The whole chain once on configs/tiny.yaml: (config, report)."""
+    from xbt_ray.pipeline import run_pipeline
+
+    work = tmp_path_factory.mktemp("chain")
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"cache_dir={work / 'cache'}", f"output_dir={work / 'runs'}", "run_name=tiny",
+        f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=test-chain"])
+    return config, run_pipeline(config)

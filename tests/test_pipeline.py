@@ -3,34 +3,20 @@ import dataclasses
 import json
 from pathlib import Path
 
-import pytest
-
-from xbt_ray.config import load_config
 from xbt_ray.pipeline import run_pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(ray_session, mlflow_uri, tmp_path_factory):
-    work = tmp_path_factory.mktemp("chain")
-    config = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"cache_dir={work / 'cache'}", f"output_dir={work / 'runs'}", "run_name=tiny",
-        f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=test-chain"])
-    return config, run_pipeline(config)
 
 
 def test_report_has_every_cell_and_is_written(tiny_run):
     config, report = tiny_run
     methods = [row["method"] for row in report["rows"]]
-    assert methods == ["old->old", "new->new", "xbt-stage1->old"]
+    assert methods == ["old->old", "new->new", "xbt-stage1->old", "xbt->old"]
     assert report["n_images"] == 40 and report["n_captions"] == 120
     for row in report["rows"]:
         for direction in ("i2t", "t2i"):
             assert set(row[direction]) == {"R1", "R5", "R10"}
             assert all(0 <= v <= 100 for v in row[direction].values())
             assert row[direction]["R1"] <= row[direction]["R5"] <= row[direction]["R10"]
-    xbt = report["rows"][2]
+    xbt = report["rows"][3]
     assert xbt["needs_old_encoder"] is False and set(xbt["compatible"]) == {"i2t", "t2i"}
     on_disk = json.loads((config.run_dir / "report.json").read_text())
     assert on_disk["rows"] == report["rows"]
@@ -56,6 +42,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_run, mlflow_uri):
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tiny'")
     assert run.data.params["stage1.noise_sigma"] == str(config.stage1.noise_sigma)
     assert "xbt-stage1_to_old.i2t.R1" in run.data.metrics
+    assert "xbt_to_old.t2i.R10" in run.data.metrics
     assert "old_to_old.t2i.R10" in run.data.metrics
     assert all("@" not in name and ">" not in name for name in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -14,7 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "the whole chain: world/models, embed, stage 1, evaluate"),
                             ("world", "build the demo world's shards (cached by recipe)"),
                             ("embed", "embed caption corpus and eval split (old and new)"),
-                            ("stage1", "embed (reused) + fit the projector on text")):
+                            ("stage1", "embed (reused) + fit the projector on text"),
+                            ("stage2", "stage 1 (reused) + LoRA stage 2 + export the encoder")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
         p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"run_name={args.run_name}"] if args.run_name else [])
         config = load_config(args.config, overrides)
-        if args.command in ("run", "embed", "stage1"):
+        if args.command in ("run", "embed", "stage1", "stage2"):
             from xbt_ray.pipeline import run_pipeline
 
             run_pipeline(config, until="evaluate" if args.command == "run" else args.command)

@@ -88,6 +88,7 @@ class TrainerConfig:
     use_gpu: bool = False
     zero_stage: int = 1
     precision: str = "fp32"   # fp32 | bf16
+    grad_clip: float = 0.0    # max gradient norm; 0 = off (DeepSpeed would default to 1.0)
 
 
 @dataclass
@@ -99,6 +100,34 @@ class Stage1Config:
     noise_sigma: float = 0.1
     temperature: float = 0.05
     cosine_weight: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the new model; its base weights stay frozen."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module-name regexes: ViT blocks' attention (q, k, v and output projections) and MLP
+    image_targets: str = r"visual\.transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
+    text_targets: str = r"transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
+    text_tower: bool = False  # ablation: LoRA on both towers
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: image-text pairs, old model absent."""
+
+    mode: str = "lora"        # lora | psi-only (cached new embeddings, no image forward passes)
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 5e-4          # LoRA adapters
+    psi_lr: float = 0.0       # 0 keeps psi frozen
+    weight_decay: float = 0.0
+    temperature: float = 0.05
+    text_weight: float = 0.0  # + w * stage-1 loss on cached text pairs (regularises a trained psi)
+    psi_from_scratch: bool = False  # ablation: no text pretraining (psi trained here from init)
 
 
 @dataclass
@@ -130,6 +159,8 @@ class Config:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -143,6 +174,7 @@ class Config:
             (self.trainer.precision in ("fp32", "bf16"), "trainer.precision must be fp32 or bf16"),
             (self.trainer.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3"),
             (self.trainer.num_workers >= 1, "trainer.num_workers must be >= 1"),
+            (self.trainer.grad_clip >= 0, "trainer.grad_clip must be >= 0 (0 = off)"),
             (self.projector.depth >= 0, "projector.depth must be >= 0"),
             (self.stage1.noise_sigma >= 0, "stage1.noise_sigma must be >= 0"),
             (self.stage1.temperature > 0, "stage1.temperature must be > 0"),
@@ -151,6 +183,14 @@ class Config:
              "world.objects_min must be >= 1 and <= world.objects_max"),
             (bool(self.old.name) and bool(self.new.name), "old.name and new.name must be set"),
             (all(k >= 1 for k in self.eval.ks), "eval.ks must be positive"),
+            (self.stage2.mode in ("lora", "psi-only"), "stage2.mode must be lora or psi-only"),
+            (self.stage2.mode == "lora" or self.stage2.psi_lr > 0,
+             "stage2.mode=psi-only trains psi only: set stage2.psi_lr > 0"),
+            (not self.stage2.psi_from_scratch or self.stage2.psi_lr > 0,
+             "stage2.psi_from_scratch needs stage2.psi_lr > 0"),
+            (self.stage2.text_weight == 0 or self.stage2.psi_lr > 0,
+             "stage2.text_weight regularises psi: it needs stage2.psi_lr > 0"),
+            (self.lora.rank >= 1, "lora.rank must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,4 +1,4 @@
-"""The whole chain: (demo world) -> embed -> stage 1 -> evaluate -> report + MLflow.
+"""The whole chain: (demo world) -> embed -> stage 1 -> stage 2 -> evaluate -> report + MLflow.
 
 Every step reuses finished work: the demo world and demo models are cached by recipe, the
 embedding cache by (model, data), stage 1 by run directory. Each step is also callable on its own
@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from xbt_ray import tracking
 from xbt_ray.config import Config, ConfigError, ModelConfig, save_config
 from xbt_ray.data import cache, embed, shards
 from xbt_ray.models import clip
@@ -79,12 +80,13 @@ def build_demo_world(config: Config) -> Path:
 
 def demo_model(config: Config, which: str, world_dir: Path) -> ModelConfig:
     """Train (once) the demo world's old or new CLIP; returns it with `pretrained` = its file."""
-    from xbt_ray.train.demo_clip import train_demo_clip
+    from xbt_ray.train.demo_clip import RECIPE_VERSION, train_demo_clip
 
     model: ModelConfig = getattr(config, which)
     recipe = getattr(config, f"train_{which}")
-    digest = _recipe_hash(world_dir.name, model.name, recipe, config.trainer.zero_stage,
-                          config.trainer.precision, config.trainer.num_workers, config.seed)
+    digest = _recipe_hash(RECIPE_VERSION, world_dir.name, model.name, recipe, config.trainer.zero_stage,
+                          config.trainer.precision, config.trainer.num_workers,
+                          config.trainer.grad_clip, config.seed)
     path = Path(config.cache_dir).absolute() / "models" / f"{model.name}-{digest}.safetensors"
     if not path.is_file():
         log.info("training the demo %s model %s -> %s", which, model.name, path)
@@ -135,6 +137,9 @@ def embed_step(config: Config, sources: Sources, timings: dict) -> dict:
         "old_eval_captions": (sources.eval_captions, "text", sources.old),
         "new_eval_captions": (sources.eval_captions, "text", sources.new),
     }
+    if config.stage2.mode == "psi-only":  # stage 2 on cached NEW embeddings of the pairs
+        jobs["new_pair_images"] = (sources.image_text, "image", sources.new)
+        jobs["new_pair_texts"] = (sources.image_text, "text", sources.new)
     results = {}
     with timed(timings, "embed"):
         for name, (files, modality, model) in jobs.items():
@@ -159,21 +164,57 @@ def stage1_step(config: Config, embedded: dict, timings: dict) -> Path:
     return out_dir
 
 
-def evaluate_step(config: Config, embedded: dict, stage1_dir: Path, dataset: str,
-                  timings: dict) -> dict:
+def stage2_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Path,
+                timings: dict) -> Path:
+    """Stage 2 with the old model absent; exports the upgraded query encoder."""
+    from xbt_ray.train.stage2 import SUMMARY, train_stage2
+
+    out_dir = config.run_dir / "stage2"
+    if (out_dir / SUMMARY).is_file():
+        log.info("stage 2 already finished in %s (reused)", out_dir)
+        return out_dir
+    if config.stage2.mode == "lora" and not sources.image_text:
+        raise ConfigError("stage 2 needs image-text pairs: set data.image_text")
+    read = lambda name: cache.read_embeddings(embedded[name].directory)  # noqa: E731
+    with timed(timings, "stage2"):
+        summary = train_stage2(
+            sources.new, stage1_dir, config.stage2, config.lora, config.stage1, config.trainer,
+            run_name="stage2", storage_path=config.run_dir / "ray-train", out_dir=out_dir,
+            seed=config.seed, pair_files=sources.image_text,
+            pair_embeddings=((read("new_pair_images"), read("new_pair_texts"))
+                             if config.stage2.mode == "psi-only" else None),
+            text_pairs=((read("new_text"), read("old_text"))
+                        if config.stage2.text_weight > 0 else None))
+    tracking.log_counts("data.stage2_pairs", summary["data"])
+    return out_dir
+
+
+def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Path,
+                  stage2_dir: Path, timings: dict) -> dict:
+    """Compatibility report; the full method's queries come from the EXPORTED query encoder,
+    run by the embedding job exactly as a user would serve it."""
     from xbt_ray.eval.compat import EvalSplit, compatibility_report
     from xbt_ray.train.stage1 import load_projector, project
+    from xbt_ray.train.stage2 import QUERY_ENCODER
 
+    encoder = ModelConfig(name=sources.new.name, pretrained=str(stage2_dir / QUERY_ENCODER))
     with timed(timings, "evaluate"):
+        xbt = {modality: cache.read_embeddings(embed.embed_shards(
+            files, modality, encoder, config.cache_dir, config.embed).directory)
+            for modality, files in (("image", sources.eval_images),
+                                    ("text", sources.eval_captions))}
         split = EvalSplit(*(cache.read_embeddings(embedded[k].directory) for k in (
             "old_eval_images", "new_eval_images", "old_eval_captions", "new_eval_captions")))
         psi = load_projector(stage1_dir)
         projected = {"xbt-stage1->old": (project(psi, split.new_images.emb),
-                                         project(psi, split.new_captions.emb))}
-        return compatibility_report(split, projected, config.eval, dataset, "held-out split")
+                                         project(psi, split.new_captions.emb)),
+                     "xbt->old": (split.rows_of(xbt["image"], "image"),
+                                  split.rows_of(xbt["text"], "caption"))}
+        return compatibility_report(split, projected, config.eval, sources.dataset,
+                                    "held-out split")
 
 
-STEPS = ("embed", "stage1", "evaluate")
+STEPS = ("embed", "stage1", "stage2", "evaluate")
 
 
 def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
@@ -185,7 +226,6 @@ def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
         raise ConfigError(f"unknown step '{until}', expected one of {STEPS}")
     import mlflow
 
-    from xbt_ray import tracking
     from xbt_ray.eval.report import format_table, write_report
 
     run_dir = config.run_dir
@@ -205,7 +245,10 @@ def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
         stage1_dir = stage1_step(config, embedded, timings)
         if until == "stage1":
             return None
-        report = evaluate_step(config, embedded, stage1_dir, sources.dataset, timings)
+        stage2_dir = stage2_step(config, sources, embedded, stage1_dir, timings)
+        if until == "stage2":
+            return None
+        report = evaluate_step(config, sources, embedded, stage1_dir, stage2_dir, timings)
         report["models"] = {"old": dataclasses.asdict(sources.old),
                             "new": dataclasses.asdict(sources.new)}
         report["data"] = {name: r.counts | {"reused": r.reused} for name, r in embedded.items()}

@@ -18,6 +18,7 @@ import torch
 from xbt_ray.config import EmbedConfig, ModelConfig
 from xbt_ray.data import cache, shards
 from xbt_ray.models import clip
+from xbt_ray.models.query_encoder import encoder_identity, load_encoder
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
@@ -30,9 +31,8 @@ class Encoder:
     def __init__(self, model: ModelConfig, modality: str, threads: int):
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, _ = clip.load_clip(model, device=self.device)
+        self.model, self.dim = load_encoder(model, device=self.device)
         self.modality = modality
-        self.dim = clip.embed_dim(model.name)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -91,8 +91,8 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
         num_gpus=1 if torch.cuda.is_available() else 0,
     )
 
-    meta = cache.make_meta(model.name, clip.pretrained_id(model), clip.embed_dim(model.name),
-                           dataset_fp, modality)
+    name, dim = encoder_identity(model)
+    meta = cache.make_meta(name, clip.pretrained_id(model), dim, dataset_fp, modality)
     skipped: Counter = Counter()
     rows_in = rows_out = part = 0
     for batch in ds.iter_batches(batch_size=rows_per_file, batch_format="numpy"):

@@ -11,6 +11,7 @@ import functools
 import glob
 import io
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -193,20 +194,48 @@ def decode_pairs(batch: dict, size: int, model_name: str) -> dict:
     return out
 
 
-def drop_skipped(ds):
-    """Materialise a decoded dataset, count its skipped rows by reason, keep the usable rows.
+def drop_skipped(batch: dict, log_dir: str) -> dict:
+    """Ray Data batch UDF for training streams: keep usable rows, log skipped ones.
 
-    Returns (dataset of usable rows, {"rows_in", "rows_used", "skipped": {reason: n}}).
+    Skipped rows are appended as `key<TAB>reason` lines to a file of their own under `log_dir`
+    (shared storage on a cluster); `skip_counts` reads them back. Epochs re-read the same rows, so
+    counts are over unique keys.
     """
+    reasons = batch["skip_reason"]
+    bad = reasons != ""
+    if bad.any():
+        lines = "".join(f"{k}\t{r}\n" for k, r in zip(batch["key"][bad], reasons[bad]))
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(log_dir) / f"{uuid.uuid4().hex}.tsv").write_text(lines)
+    return {name: values[~bad] for name, values in batch.items()}
+
+
+def skip_counts(log_dir: str | Path) -> dict[str, int]:
+    """{reason: number of distinct skipped keys} from a `drop_skipped` log directory."""
     from collections import Counter
 
-    ds = ds.materialize()
-    reasons = Counter(r for batch in ds.select_columns(["skip_reason"]).iter_batches(
-        batch_format="numpy") for r in batch["skip_reason"])
-    skipped = {r: n for r, n in reasons.items() if r}
-    rows_in = sum(reasons.values())
-    counts = {"rows_in": rows_in, "rows_used": reasons.get("", 0), "skipped": skipped}
-    return ds.filter(lambda row: row["skip_reason"] == ""), counts
+    seen = {}
+    for path in Path(log_dir).glob("*.tsv"):
+        for line in path.read_text().splitlines():
+            key, reason = line.split("\t")
+            seen[key] = reason
+    return dict(Counter(seen.values()))
+
+
+def training_stream(files: list[str], udf, fn_kwargs: dict, columns: list[str], log_dir: Path):
+    """Image-text training rows: read -> CPU stage (udf) -> drop + log skipped -> shuffled.
+
+    Returns (dataset, rows_in). Re-executed (and re-shuffled) every epoch by Ray Train.
+    """
+    from xbt_ray.data.embed import CPU_STAGE_NUM_CPUS
+
+    raw = read_rows(files, ["key", "image_id", "jpg", "txt"])
+    rows_in = raw.count()
+    ds = (raw.map_batches(udf, fn_kwargs=fn_kwargs, batch_size=256, num_cpus=CPU_STAGE_NUM_CPUS)
+          .map_batches(drop_skipped, fn_kwargs={"log_dir": str(log_dir)}, batch_size=None)
+          .select_columns(columns)
+          .random_shuffle())
+    return ds, rows_in
 
 
 def _as_str(values) -> np.ndarray:

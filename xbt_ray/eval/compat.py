@@ -38,6 +38,17 @@ class EvalSplit:
                 new.keys, new.image_ids, new.emb = new.keys[idx], new.image_ids[idx], new.emb[idx]
 
 
+    def rows_of(self, table: Embeddings, what: str) -> np.ndarray:
+        """`table`'s embeddings in the order of this split's images or captions."""
+        keys = (self.old_images if what == "image" else self.old_captions).keys
+        order = {k: i for i, k in enumerate(table.keys)}
+        missing = [k for k in keys if k not in order]
+        if missing:
+            raise ConfigError(f"{len(missing)} {what}s of the split have no embedding "
+                              f"(e.g. {missing[0]})")
+        return table.emb[[order[k] for k in keys]]
+
+
 def compatibility_report(split: EvalSplit, projected: dict[str, tuple[np.ndarray, np.ndarray]],
                          cfg: EvalConfig, dataset: str, protocol: str) -> dict:
     """Report rows: old->old, new->new, then one `<method>` row per entry of `projected`.

@@ -14,11 +14,13 @@ import open_clip
 import torch
 
 from xbt_ray.config import ClipTrainConfig, ModelConfig, TrainerConfig
-from xbt_ray.data import embed, shards
+from xbt_ray.data import shards
 from xbt_ray.models import clip
 from xbt_ray.train import distributed
 
 log = logging.getLogger(__name__)
+# Part of the cached demo models' recipe: bump it when this file changes how models train.
+RECIPE_VERSION = 4
 
 
 def clip_loop(config: dict) -> None:
@@ -53,9 +55,7 @@ def clip_loop(config: dict) -> None:
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
         total, steps = 0.0, 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True,
-                                              local_shuffle_buffer_size=4 * micro,
-                                              local_shuffle_seed=config["seed"] + epoch):
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
             images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
             image_f, text_f, scale = engine(images.to(dtype), batch["tokens"].to(engine.device))
             loss = loss_fn(image_f.float(), text_f.float(), scale.float())
@@ -78,22 +78,25 @@ def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str
 
     Returns the data counts (rows in / used / skipped by reason).
     """
-    ds = shards.read_rows(files, ["key", "image_id", "jpg", "txt"]).map_batches(
-        shards.decode_pairs,
-        fn_kwargs={"size": clip.image_size(model.name), "model_name": model.name},
-        batch_size=256, num_cpus=embed.CPU_STAGE_NUM_CPUS)
-    train_ds, counts = shards.drop_skipped(ds)
-    log.info("demo CLIP %s data: rows in %d = used %d + skipped %s", model.name,
-             counts["rows_in"], counts["rows_used"], counts["skipped"])
-    if counts["rows_used"] < recipe.batch_size:
-        raise ValueError(f"only {counts['rows_used']} usable image-text rows, fewer than one "
-                         f"batch of {recipe.batch_size}")
+    run_name = f"demo-clip-{out_path.stem}"
+    skip_log = storage_path / run_name / "skipped"
+    train_ds, rows_in = shards.training_stream(
+        files, shards.decode_pairs,
+        {"size": clip.image_size(model.name), "model_name": model.name},
+        ["pixels", "tokens"], skip_log)
+    if rows_in < recipe.batch_size:
+        raise ValueError(f"only {rows_in} image-text rows, fewer than one batch of "
+                         f"{recipe.batch_size}")
     result = distributed.fit(
         clip_loop,
         {"trainer": trainer, "recipe": recipe, "seed": seed, "model_name": model.name,
-         "rows": counts["rows_used"]},
-        trainer, run_name=f"demo-clip-{out_path.stem}", storage_path=storage_path,
-        datasets={"train": train_ds.select_columns(["pixels", "tokens"])})
+         "rows": rows_in},
+        trainer, run_name=run_name, storage_path=storage_path, datasets={"train": train_ds})
+    skipped = shards.skip_counts(skip_log)
+    counts = {"rows_in": rows_in, "rows_used": rows_in - sum(skipped.values()),
+              "skipped": skipped}
+    log.info("demo CLIP %s data: rows in %d = used %d + skipped %s", model.name, rows_in,
+             counts["rows_used"], skipped)
     weights, _ = distributed.load_result_checkpoint(result)
     trained = open_clip.create_model(model.name)
     weights["logit_scale"] = weights["logit_scale"].reshape(trained.logit_scale.shape)

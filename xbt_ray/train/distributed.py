@@ -4,6 +4,11 @@ A recipe is a per-worker function `loop(config)` run by `fit(...)` in a TorchTra
 `make_engine` wraps the trainable module in a DeepSpeed engine (ZeRO stage and precision from
 `TrainerConfig`; CPU accelerator here, CUDA on a GPU cluster), and `report_epoch` reports metrics
 with a checkpoint that holds only the trained tensors (safetensors) plus a small JSON state.
+
+Contrastive recipes need fresh negatives every epoch: their datasets end in `random_shuffle()`.
+Gradient clipping is explicit (`trainer.grad_clip`, 0 = off) because DeepSpeed's own default
+clips at 1.0, which slowed the from-scratch demo CLIPs badly (old model, 6 epochs, I2T R@1
+2.4 with clipping at 1.0 vs 11.0 without, same data and seed).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ def deepspeed_config(trainer: TrainerConfig, micro_batch: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
+        "gradient_clipping": trainer.grad_clip,
         "zero_optimization": {"stage": trainer.zero_stage},
         "bf16": {"enabled": trainer.precision == "bf16"},
         "steps_per_print": 1_000_000_000,

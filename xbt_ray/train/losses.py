@@ -37,6 +37,12 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
     return (a2b + b2a) / 2
 
 
+def contrastive_loss(u: torch.Tensor, v: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE over the GLOBAL batch: u and v are gathered from every rank with
+    gradient, so N workers with batch B/N train like one worker with batch B."""
+    return info_nce(gather_with_grad(u), gather_with_grad(v), temperature)
+
+
 def cosine_loss(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over rows of 1 - cos(p, b)."""
     return (1 - F.cosine_similarity(p, b, dim=-1)).mean()
@@ -48,7 +54,7 @@ def stage1_loss(p: torch.Tensor, b: torch.Tensor, temperature: float,
 
     `p` are projector outputs, `b` the old-model targets. Returns (total, {"info_nce", "cosine"}).
     """
-    contrastive = info_nce(gather_with_grad(p), gather_with_grad(b), temperature)
+    contrastive = contrastive_loss(p, b, temperature)
     cosine = cosine_loss(p, b)
     return contrastive + cosine_weight * cosine, {"info_nce": contrastive, "cosine": cosine}
 

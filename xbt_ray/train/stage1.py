@@ -56,9 +56,7 @@ def stage1_loop(config: dict) -> None:
     for epoch in range(start_epoch, recipe.epochs):
         totals = {"loss": 0.0, "info_nce": 0.0, "cosine": 0.0}
         steps = 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True,
-                                              local_shuffle_buffer_size=4 * micro,
-                                              local_shuffle_seed=config["seed"] + epoch):
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
             a = add_noise(batch["a"].float(), recipe.noise_sigma, generator=noise)
             p = engine(a.to(engine.device, dtype)).float()
             loss, parts = stage1_loss(p, batch["b"].float().to(engine.device), recipe.temperature,
@@ -99,7 +97,7 @@ def train_stage1(new_text: Embeddings, old_text: Embeddings, projector: Projecto
         {"trainer": trainer, "recipe": recipe, "seed": seed, "projector": shape,
          "init_linear": init, "rows": len(keys)},
         trainer, run_name=run_name, storage_path=storage_path,
-        datasets={"train": ray.data.from_arrow(table)})
+        datasets={"train": ray.data.from_arrow(table).random_shuffle()})
     weights, _ = distributed.load_result_checkpoint(result)
     save_projector(weights, shape, out_dir)
     return out_dir

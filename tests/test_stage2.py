@@ -1,0 +1,137 @@
+"""Stage 2: global-batch loss across workers, LoRA with the old model absent, export, resume."""
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from xbt_ray.config import ModelConfig
+from xbt_ray.data import shards
+from xbt_ray.models import clip, lora
+from xbt_ray.models.query_encoder import load_query_encoder
+from xbt_ray.train.losses import contrastive_loss
+from xbt_ray.train.stage1 import load_projector
+from xbt_ray.train.stage2 import ADAPTERS, QUERY_ENCODER, SUMMARY, AdaptedTowers, train_stage2
+
+# ---------------------------------------------------------------- global batch equivalence
+
+
+def _batch_and_model():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randn(8, 5)
+    tower_x, tower_y = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+    return x, y, tower_x, tower_y
+
+
+def _loss_and_grads(x, y, tower_x, tower_y):
+    loss = contrastive_loss(tower_x(x), tower_y(y), temperature=0.1)
+    loss.backward()
+    grads = [p.grad.clone() for p in (*tower_x.parameters(), *tower_y.parameters())]
+    return loss.detach(), grads
+
+
+def _half_batch_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, y, tower_x, tower_y = _batch_and_model()
+        half = slice(4 * rank, 4 * rank + 4)
+        loss, grads = _loss_and_grads(x[half], y[half], tower_x, tower_y)
+        for g in grads:  # what DeepSpeed / DDP do with data-parallel gradients: average
+            dist.all_reduce(g)
+            g /= 2
+        out[rank] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_with_half_batches_match_one_worker_with_the_whole_batch():
+    whole_loss, whole_grads = _loss_and_grads(*_batch_and_model())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_half_batch_worker, args=(port, out), nprocs=2, join=True)
+    for rank in range(2):
+        loss, grads = out[rank]
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+        for g, expected in zip(grads, whole_grads):
+            torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the chain's stage 2
+
+
+def test_stage2_trained_only_adapters_and_kept_the_base_weights(tiny_run):
+    config, _ = tiny_run
+    out = config.run_dir / "stage2"
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["models_built"] == config.new.name
+    assert summary["base_checksum_start"] == summary["base_checksum_end"]
+    new = ModelConfig(**summary["new_model"])
+    base, _ = clip.load_clip(new)
+    assert summary["base_checksum_start"] == lora.base_checksum(base)  # == the file's weights
+    assert all("lora_" in name for name in summary["trained_tensors"])  # psi frozen by default
+    adapters = load_file(str(out / ADAPTERS))
+    assert adapters and all("lora_" in k for k in adapters)
+    assert any(k.startswith("base_model.model.visual.") for k in adapters)
+    assert not any(k.startswith("base_model.model.transformer.") for k in adapters)  # text off
+    assert summary["data"]["rows_in"] == summary["data"]["rows_used"] + sum(
+        summary["data"]["skipped"].values())
+    assert summary["data"]["skipped"] == {"undecodable_image": 4, "null_image": 3,
+                                          "empty_caption": 3}
+
+
+def test_exported_encoder_reproduces_training_time_embeddings(tiny_run):
+    config, _ = tiny_run
+    out = config.run_dir / "stage2"
+    summary = json.loads((out / SUMMARY).read_text())
+    new = ModelConfig(**summary["new_model"])
+    adapted = lora.add_lora(clip.load_clip(new)[0], config.lora)
+    adapted.load_state_dict(load_file(str(out / ADAPTERS)), strict=False)
+    towers = AdaptedTowers(adapted, load_projector(out), text_trainable=False).eval()
+    exported = load_query_encoder(out / QUERY_ENCODER)
+
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    images = clip.pixels_to_input(pixels, exported.visual.preprocess_cfg)
+    tokens = torch.from_numpy(shards.tokenize(["a red box", "two tiny stars", "a disc"],
+                                              new.name))
+    with torch.no_grad():
+        u, v = towers(images, tokens)
+        torch.testing.assert_close(exported.encode_image(images),
+                                   torch.nn.functional.normalize(u, dim=-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(exported.encode_text(tokens),
+                                   torch.nn.functional.normalize(v, dim=-1), atol=1e-5, rtol=0)
+    assert exported.encode_image(images).shape[1] == clip.embed_dim(config.old.name)
+
+
+def test_stage2_runs_without_the_old_model_and_resumes(tiny_run, tmp_path):
+    """Delete the old model's weights, then run stage 2 twice under one run name."""
+    config, _ = tiny_run
+    old_file = Path(config.cache_dir) / "models"
+    old_weights = next(old_file.glob(f"{config.old.name}-*.safetensors"))
+    hidden = old_weights.rename(tmp_path / "old-model-out-of-reach.safetensors")
+    try:
+        summary = json.loads((config.run_dir / "stage2" / SUMMARY).read_text())
+        new = ModelConfig(**summary["new_model"])
+        world = next((Path(config.cache_dir) / "world").iterdir())
+        files = shards.list_shards(str(world / "image_text"))
+        kwargs = dict(new=new, stage1_dir=config.run_dir / "stage1",
+                      recipe=dataclasses.replace(config.stage2, epochs=1),
+                      lora_cfg=config.lora, stage1=config.stage1, trainer=config.trainer,
+                      run_name="stage2-resume", storage_path=tmp_path / "ray", seed=0,
+                      pair_files=files)
+        first = train_stage2(out_dir=tmp_path / "a", **kwargs)
+        again = train_stage2(out_dir=tmp_path / "b", **kwargs)  # same run name: resumes
+    finally:
+        hidden.rename(old_weights)
+    assert first["models_built"] == new.name
+    a, b = load_file(str(tmp_path / "a" / ADAPTERS)), load_file(str(tmp_path / "b" / ADAPTERS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
