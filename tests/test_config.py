@@ -141,8 +141,8 @@ def test_override_with_empty_key_part():
 
 def test_yaml_unknown_top_level_key(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("stage2: {epochs: 1}\n")
-    assert "'stage2'" in _one_line_error(path=path)
+    path.write_text("stage3: {epochs: 1}\n")
+    assert "'stage3'" in _one_line_error(path=path)
 
 
 def test_yaml_unknown_nested_key(tmp_path):

@@ -26,7 +26,7 @@ def _jpeg(colour) -> bytes:
 
 @pytest.fixture(scope="module")
 def tar_shard(tmp_path_factory):
-    """6 good samples and 3 broken ones: undecodable image, no image, empty caption."""
+    """6 good samples and 4 broken ones: undecodable image, no image, empty caption, no caption."""
     path = tmp_path_factory.mktemp("wds") / "shard-000.tar"
     with tarfile.open(path, "w") as tar:
         for i in range(6):
@@ -37,6 +37,7 @@ def tar_shard(tmp_path_factory):
         _add(tar, "s101.txt", b"a caption without an image")
         _add(tar, "s102.jpg", _jpeg((0, 0, 0)))
         _add(tar, "s102.txt", b"   ")
+        _add(tar, "s103.jpg", _jpeg((9, 9, 9)))
     return str(path)
 
 
@@ -52,11 +53,11 @@ def test_webdataset_images_counted_and_cached(ray_session, tar_shard, model, tmp
     cfg = EmbedConfig(batch_size=4)
     first = embed_shards(shards.list_shards(tar_shard), "image", model, tmp_path, cfg)
     assert not first.reused
-    assert first.counts == {"rows_in": 9, "rows_embedded": 7,
+    assert first.counts == {"rows_in": 10, "rows_embedded": 8,
                             "skipped": {"undecodable_image": 1, "null_image": 1}}
     table = cache.read_embeddings(first.directory, expect={"model": "xbt-test-old", "dim": 32,
                                                            "modality": "image"})
-    assert sorted(table.keys) == sorted([f"s{i:03d}" for i in range(6)] + ["s102"])
+    assert sorted(table.keys) == sorted([f"s{i:03d}" for i in range(6)] + ["s102", "s103"])
     np.testing.assert_allclose(np.linalg.norm(table.emb, axis=1), 1.0, atol=2e-3)
     assert table.meta["pretrained"].startswith("sha256:")
 
@@ -68,7 +69,7 @@ def test_webdataset_images_counted_and_cached(ray_session, tar_shard, model, tmp
 def test_webdataset_texts_skip_empty_captions(ray_session, tar_shard, model, tmp_path):
     result = embed_shards(shards.list_shards(tar_shard), "text", model, tmp_path,
                           EmbedConfig(batch_size=4))
-    assert result.counts == {"rows_in": 9, "rows_embedded": 7,
+    assert result.counts == {"rows_in": 10, "rows_embedded": 8,
                              "skipped": {"null_caption": 1, "empty_caption": 1}}
 
 

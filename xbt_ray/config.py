@@ -109,9 +109,12 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # module-name regexes: ViT blocks' attention (q, k, v and output projections) and MLP
-    image_targets: str = r"visual\.transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
-    text_targets: str = r"transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"
+    # Module-name regexes: each ViT block's attention output projection and both MLP layers.
+    # Not the packed q/k/v `attn.in_proj_weight`: peft adapts nn.MultiheadAttention by merging
+    # the adapter into the base weight for every forward and unmerging after, which leaves
+    # rounding drift in the "frozen" base (caught by the checksum test).
+    image_targets: str = r"visual\.transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
+    text_targets: str = r"transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
     text_tower: bool = False  # ablation: LoRA on both towers
 
 

@@ -100,7 +100,7 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
     Resize of the shortest side (bicubic) and centre crop, as open_clip's eval transform;
     normalisation happens in the encoder, which knows its model's mean and std.
     """
-    if data is None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):  # None, or NaN from a missing member
         return None, "null_image"
     if len(data) == 0:
         return None, "empty_image"
@@ -127,7 +127,7 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
 
 def check_caption(txt) -> tuple[str | None, str]:
     """A caption (str or utf-8 bytes) -> (clean text, "") or (None, skip reason)."""
-    if txt is None:
+    if not isinstance(txt, (str, bytes, bytearray)):  # None, or NaN from a missing member
         return None, "null_caption"
     if isinstance(txt, (bytes, bytearray)):
         try:

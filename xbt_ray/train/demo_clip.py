@@ -32,8 +32,6 @@ def clip_loop(config: dict) -> None:
     rank, world = distributed.worker_setup(trainer, config["seed"])
     clip.register_demo_configs()
     model = open_clip.create_model(config["model_name"])
-    # DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give.
-    model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
     start_epoch = 0
     resumed = distributed.resume_state()
     if resumed:
@@ -44,7 +42,7 @@ def clip_loop(config: dict) -> None:
     micro = recipe.batch_size // world
     steps_per_epoch = config["rows"] // recipe.batch_size
     engine = distributed.make_engine(
-        model, model.parameters(), trainer, micro, recipe.lr, recipe.weight_decay,
+        model, None, trainer, micro, recipe.lr, recipe.weight_decay,
         total_steps=steps_per_epoch * recipe.epochs, warmup_steps=recipe.warmup_steps,
         start_step=steps_per_epoch * start_epoch)
     dtype = distributed.engine_dtype(engine)

@@ -51,9 +51,15 @@ def worker_setup(trainer: TrainerConfig, seed: int) -> tuple[int, int]:
 def make_engine(module: torch.nn.Module, params, trainer: TrainerConfig, micro_batch: int,
                 lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
                 start_step: int = 0):
-    """A DeepSpeed engine with AdamW and a linear-warmup cosine schedule (from `start_step`)."""
+    """A DeepSpeed engine with AdamW and a linear-warmup cosine schedule (from `start_step`).
+
+    `params`: parameter groups (each may set its own lr), or None for all trainable parameters.
+    """
     import deepspeed
 
+    _lift_scalar_parameters(module)
+    if params is None:  # every trainable parameter, looked up after the lift above
+        params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total_steps = max(1, total_steps)
 
@@ -66,6 +72,17 @@ def make_engine(module: torch.nn.Module, params, trainer: TrainerConfig, micro_b
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(trainer, micro_batch))
     return engine
+
+
+def _lift_scalar_parameters(module: torch.nn.Module) -> None:
+    """0-dim parameters (open_clip's logit_scale) become shape (1,): DeepSpeed broadcasts
+    parameters as byte views, which a 0-dim tensor cannot give. Values are unchanged."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                lifted = torch.nn.Parameter(param.detach().reshape(1),
+                                            requires_grad=param.requires_grad)
+                setattr(sub, name, lifted)
 
 
 def engine_dtype(engine) -> torch.dtype:

@@ -47,7 +47,7 @@ def stage1_loop(config: dict) -> None:
     micro = recipe.batch_size // world
     steps_per_epoch = config["rows"] // recipe.batch_size
     engine = distributed.make_engine(
-        psi, psi.parameters(), trainer, micro, recipe.lr, recipe.weight_decay,
+        psi, None, trainer, micro, recipe.lr, recipe.weight_decay,
         total_steps=steps_per_epoch * recipe.epochs, warmup_steps=steps_per_epoch // 2,
         start_step=steps_per_epoch * start_epoch)
     dtype = distributed.engine_dtype(engine)
