@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -129,9 +130,33 @@ def test_stage2_runs_without_the_old_model_and_resumes(tiny_run, tmp_path):
                       run_name="stage2-resume", storage_path=tmp_path / "ray", seed=0,
                       pair_files=files)
         first = train_stage2(out_dir=tmp_path / "a", **kwargs)
-        again = train_stage2(out_dir=tmp_path / "b", **kwargs)  # same run name: resumes
+        train_stage2(out_dir=tmp_path / "b", **kwargs)  # same run name: resumes, trains nothing
     finally:
         hidden.rename(old_weights)
     assert first["models_built"] == new.name
     a, b = load_file(str(tmp_path / "a" / ADAPTERS)), load_file(str(tmp_path / "b" / ADAPTERS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_xbt_encode_writes_old_space_embeddings(tiny_run, tmp_path, capsys):
+    """`xbt encode` with the exported file gives the vectors the evaluation searched with."""
+    from xbt_ray.cli import main
+    from xbt_ray.data import cache
+
+    config, _ = tiny_run
+    encoder = config.run_dir / "stage2" / QUERY_ENCODER
+    world = next((Path(config.cache_dir) / "world").iterdir())
+    images = str(world / "eval" / "images")
+    assert main(["encode", "--encoder", str(encoder), "--modality", "image", "--input", images,
+                 "--out", str(tmp_path)]) == 0
+    written = cache.read_embeddings(capsys.readouterr().out.splitlines()[-2])
+    assert written.meta["dim"] == clip.embed_dim(config.old.name)
+    assert written.meta["model"] == f"xbt-query:{config.new.name}"
+    exported = load_query_encoder(encoder)
+    first = pq.read_table(shards.list_shards(images)[0]).slice(0, 1).to_pylist()[0]
+    pixels, _ = shards.decode_image(first["jpg"], clip.image_size(config.new.name))
+    with torch.no_grad():
+        direct = exported.encode_image(clip.pixels_to_input(
+            torch.from_numpy(pixels)[None], exported.visual.preprocess_cfg))[0].numpy()
+    row = list(written.keys).index(first["key"])
+    np.testing.assert_allclose(written.emb[row], direct, atol=2e-3)

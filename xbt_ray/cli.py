@@ -20,19 +20,43 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
         p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("encode", help="embed images or texts into the OLD space with an "
+                                      "exported query encoder")
+    p.add_argument("--encoder", required=True, help="query_encoder.safetensors from stage 2")
+    p.add_argument("--modality", required=True, choices=["image", "text"])
+    p.add_argument("--input", required=True, help="shard dir or glob (parquet or tar)")
+    p.add_argument("--out", required=True, help="cache root the embeddings are written under")
+    p.add_argument("--config", help="YAML config (embed.* settings, ray_address)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser
+
+
+def encode(args, config) -> None:
+    from xbt_ray.data import shards
+    from xbt_ray.data.embed import embed_shards
+    from xbt_ray.models.query_encoder import as_model_config
+    from xbt_ray.pipeline import init_ray
+
+    model = as_model_config(args.encoder)
+    init_ray(config)
+    result = embed_shards(shards.list_shards(args.input), args.modality, model, args.out,
+                          config.embed)
+    print(f"{result.directory}\n{result.counts}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        overrides = list(args.overrides) + ([f"run_name={args.run_name}"] if args.run_name else [])
+        run_name = getattr(args, "run_name", None)
+        overrides = list(args.overrides) + ([f"run_name={run_name}"] if run_name else [])
         config = load_config(args.config, overrides)
         if args.command in ("run", "embed", "stage1", "stage2"):
             from xbt_ray.pipeline import run_pipeline
 
             run_pipeline(config, until="evaluate" if args.command == "run" else args.command)
+        elif args.command == "encode":
+            encode(args, config)
         elif args.command == "world":
             from xbt_ray.pipeline import build_demo_world
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from xbt_ray.config import ModelConfig
+from xbt_ray.config import ConfigError, ModelConfig
 from xbt_ray.models import clip
 from xbt_ray.models.projector import Projector
 
@@ -62,6 +62,14 @@ def _metadata(path: str) -> dict:
 
 def is_query_encoder(path: str) -> bool:
     return _metadata(path).get("xbt.kind") == KIND
+
+
+def as_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig that selects an exported query encoder file."""
+    meta = _metadata(str(path))
+    if meta.get("xbt.kind") != KIND:
+        raise ConfigError(f"{path} is not an exported xbt query encoder")
+    return ModelConfig(name=meta["xbt.model"], pretrained=str(Path(path).absolute()))
 
 
 def encoder_identity(model: ModelConfig) -> tuple[str, int]:

@@ -32,12 +32,7 @@ def clip_loop(config: dict) -> None:
     rank, world = distributed.worker_setup(trainer, config["seed"])
     clip.register_demo_configs()
     model = open_clip.create_model(config["model_name"])
-    start_epoch = 0
-    resumed = distributed.resume_state()
-    if resumed:
-        weights, info = resumed
-        model.load_state_dict(weights)
-        start_epoch = info["epoch"] + 1
+    start_epoch = distributed.restore(model)
 
     micro = recipe.batch_size // world
     steps_per_epoch = config["rows"] // recipe.batch_size

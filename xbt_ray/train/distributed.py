@@ -113,15 +113,25 @@ def report_epoch(metrics: dict, state: dict[str, torch.Tensor], info: dict, rank
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def resume_state() -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(weights, info) of the run's latest checkpoint, when Ray Train restored one."""
+def restore(module: torch.nn.Module) -> int:
+    """Load the run's latest checkpoint (the trained tensors) into `module`, when Ray Train
+    restored one (re-run under the same name, or a worker restart); returns the epoch to start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return 0
     with checkpoint.as_directory() as d:
-        return load_file(os.path.join(d, WEIGHTS)), json.loads(Path(d, STATE).read_text())
+        weights = load_file(os.path.join(d, WEIGHTS))
+        info = json.loads(Path(d, STATE).read_text())
+    params = dict(module.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise RuntimeError(f"checkpoint has tensors the model lacks, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for name, value in weights.items():  # reshape: 0-dim params are lifted to (1,)
+            params[name].copy_(value.reshape(params[name].shape))
+    return info["epoch"] + 1
 
 
 def load_result_checkpoint(result) -> tuple[dict[str, torch.Tensor], dict]:

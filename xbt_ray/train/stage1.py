@@ -37,12 +37,7 @@ def stage1_loop(config: dict) -> None:
     psi = Projector(**config["projector"])
     if config["init_linear"] is not None:
         psi.init_linear(torch.tensor(config["init_linear"]))
-    start_epoch = 0
-    resumed = distributed.resume_state()
-    if resumed:
-        weights, info = resumed
-        psi.load_state_dict(weights)
-        start_epoch = info["epoch"] + 1
+    start_epoch = distributed.restore(psi)
 
     micro = recipe.batch_size // world
     steps_per_epoch = config["rows"] // recipe.batch_size

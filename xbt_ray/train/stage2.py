@@ -88,15 +88,7 @@ def stage2_loop(config: dict) -> None:
     rank, world = distributed.worker_setup(trainer, config["seed"])
     module, adapted = _build_module(config)
     checksum_start = lora.base_checksum(adapted) if adapted is not None else None
-    start_epoch = 0
-    resumed = distributed.resume_state()
-    if resumed:
-        weights, info = resumed
-        missing = set(weights) - set(dict(module.named_parameters()))
-        if missing:
-            raise RuntimeError(f"checkpoint has tensors the model lacks: {sorted(missing)[:3]}")
-        module.load_state_dict(weights, strict=False)
-        start_epoch = info["epoch"] + 1
+    start_epoch = distributed.restore(module)
 
     groups = [{"params": [p for n, p in module.named_parameters()
                           if p.requires_grad and not n.startswith("psi.")], "lr": recipe.lr},
