@@ -15,7 +15,9 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1",
+    # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train V2's placement
+    # group cleaner polls; without it a finished run's cleanup can stall the next run's start.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -47,7 +47,8 @@ def init_ray(config: Config) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+        # the dashboard's state API is what Ray Train V2 uses to clean up finished runs
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
