@@ -5,7 +5,6 @@ import socket
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -121,26 +120,3 @@ def test_stage2_takes_no_old_model():
     assert not [name for name in params if "old" in name]
     assert "new" in params
 
-
-def test_xbt_encode_writes_old_space_embeddings(tiny_run, tmp_path, capsys):
-    """`xbt encode` with the exported file gives the vectors the evaluation searched with."""
-    from xbt_ray.cli import main
-    from xbt_ray.data import cache
-
-    config, _ = tiny_run
-    encoder = config.run_dir / "stage2" / QUERY_ENCODER
-    world = next((Path(config.cache_dir) / "world").iterdir())
-    images = str(world / "eval" / "images")
-    assert main(["encode", "--encoder", str(encoder), "--modality", "image", "--input", images,
-                 "--out", str(tmp_path)]) == 0
-    written = cache.read_embeddings(capsys.readouterr().out.splitlines()[-2])
-    assert written.meta["dim"] == clip.embed_dim(config.old.name)
-    assert written.meta["model"] == f"xbt-query:{config.new.name}"
-    exported = load_query_encoder(encoder)
-    first = pq.read_table(shards.list_shards(images)[0]).slice(0, 1).to_pylist()[0]
-    pixels, _ = shards.decode_image(first["jpg"], clip.image_size(config.new.name))
-    with torch.no_grad():
-        direct = exported.encode_image(clip.pixels_to_input(
-            torch.from_numpy(pixels)[None], exported.visual.preprocess_cfg))[0].numpy()
-    row = list(written.keys).index(first["key"])
-    np.testing.assert_allclose(written.emb[row], direct, atol=2e-3)
