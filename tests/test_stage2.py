@@ -2,7 +2,6 @@
 import json
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import torch
