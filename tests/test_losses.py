@@ -8,7 +8,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xbt_ray.train.losses import add_noise, cosine_loss, gather_with_grad, info_nce, stage1_loss
+from xbt_ray.train.losses import (
+    add_noise,
+    cosine_loss,
+    gather_constant,
+    gather_with_grad,
+    info_nce,
+    stage1_loss,
+    stage2_loss,
+)
 
 R = 1 / math.sqrt(2)
 
@@ -122,3 +130,96 @@ def test_gather_with_grad_two_ranks_keeps_local_gradient():
         # every rank computes the same loss, so the local slice receives the sum over ranks
         local_rows = torch.tensor([2 * rank + 1, 2 * rank + 2], dtype=torch.float32)[:, None]
         assert torch.equal(grad, (2 * local_rows).expand(2, 3))
+
+
+def test_info_nce_three_captions_two_images_by_hand():
+    # rows: captions of image 5 (twice) and image 9; columns: the same three rows' images.
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [R, R]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    ids = torch.tensor([5, 5, 9])
+    logits = (a @ b.T).tolist()  # temperature 1
+    pos = [[0, 1], [0, 1], [2]]
+
+    def multi_ce(row, positives):
+        lse = math.log(sum(math.exp(z) for z in row))
+        return sum(lse - row[j] for j in positives) / len(positives)
+
+    cols = [[logits[i][j] for i in range(3)] for j in range(3)]
+    a2b = sum(multi_ce(logits[i], pos[i]) for i in range(3)) / 3
+    b2a = sum(multi_ce(cols[j], pos[j]) for j in range(3)) / 3
+    assert info_nce(a, b, 1.0, ids, ids).item() == pytest.approx((a2b + b2a) / 2, abs=1e-6)
+
+
+def test_stage2_loss_faithful_is_the_pair_term():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3])
+    total, parts = stage2_loss(u, v, ids, 0.1, pair_weight=1.0)
+    assert list(parts) == ["pair"]
+    assert total.item() == pytest.approx(info_nce(u, v, 0.1, ids, ids).item(), abs=1e-6)
+
+
+def test_stage2_loss_anchored_weighted_sum_of_terms():
+    g = torch.Generator().manual_seed(1)
+    u, v = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    old_i, old_t = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    ids = torch.tensor([0, 1, 1, 2, 3])
+    weights = {"image_to_old_text": 1.0, "text_to_old_image": 2.0, "image_to_old_image": 0.5,
+               "text_to_old_text": 0.25}
+    total, parts = stage2_loss(u, v, ids, 0.2, 0.0, weights, old_i, old_t)
+    expected = {"image_to_old_text": info_nce(u, old_t, 0.2, ids, ids),
+                "text_to_old_image": info_nce(v, old_i, 0.2, ids, ids),
+                "image_to_old_image": info_nce(u, old_i, 0.2, ids, ids),
+                "text_to_old_text": info_nce(v, old_t, 0.2, ids, ids)}
+    assert set(parts) == set(expected)  # pair weight 0: no pair term
+    for term, value in expected.items():
+        assert parts[term].item() == pytest.approx(value.item(), abs=1e-6)
+    assert total.item() == pytest.approx(sum(weights[t] * expected[t].item() for t in weights),
+                                         abs=1e-5)
+    with pytest.raises(ValueError, match="needs the cached old text"):
+        stage2_loss(u, v, ids, 0.2, 1.0, {"image_to_old_text": 1.0}, old_i, None)
+
+
+def test_gather_constant_without_distributed_is_identity():
+    x = torch.tensor([1, 2, 3])
+    assert gather_constant(x) is x
+
+
+def _stage2_worker(rank, world, port, inputs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        u, v, ids, old_i, old_t = (x.chunk(world)[rank].clone() for x in inputs)
+        u.requires_grad_(True)
+        weights = {"image_to_old_text": 1.0, "text_to_old_image": 1.0}
+        loss, _ = stage2_loss(u, v, ids, 0.1, 1.0, weights, old_i, old_t)
+        loss.backward()
+        grads = [torch.zeros_like(u.grad) for _ in range(world)]
+        dist.all_gather(grads, u.grad)
+        out[rank] = (loss.item(), torch.cat(grads))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stage2_loss_two_workers_match_one_global_batch():
+    # repeated image ids straddle the two ranks: rows 3 and 4 share image 2
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g),
+              torch.tensor([0, 1, 1, 2, 2, 3, 4, 4]),
+              torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)]
+    u = inputs[0].clone().requires_grad_(True)
+    weights = {"image_to_old_text": 1.0, "text_to_old_image": 1.0}
+    loss, _ = stage2_loss(u, inputs[1], inputs[2], 0.1, 1.0, weights, inputs[3], inputs[4])
+    loss.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_stage2_worker, args=(2, port, inputs, out), nprocs=2, join=True)
+    for rank in range(2):
+        worker_loss, grads = out[rank]
+        assert worker_loss == pytest.approx(loss.item(), abs=1e-5)
+        # every rank computes the global loss, so the gather's backward sums `world` identical
+        # gradients into each local slice; DeepSpeed's data-parallel average divides by world
+        # size, which gives exactly the single-process gradient of the whole batch
+        assert torch.allclose(grads / 2, u.grad, atol=1e-6)

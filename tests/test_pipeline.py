@@ -3,26 +3,54 @@ import dataclasses
 import json
 from pathlib import Path
 
-from xbt_ray.pipeline import run_pipeline
+from xbt_ray.pipeline import embed_step, resolve_sources
 
 
 def test_report_has_every_cell_and_is_written(tiny_run):
     config, report = tiny_run
     methods = [row["method"] for row in report["rows"]]
-    assert methods == ["old->old", "new->new", "xbt-stage1->old", "xbt->old"]
+    assert methods == ["old->old", "new->new", "xbt-stage1->old", "xbt->old", "xbt-anchored->old",
+                       "procrustes-text->old", "procrustes-image->old", "procrustes-both->old",
+                       "ridge->old", "slerp->old", "slerp-mid->old"]
     assert report["n_images"] == 40 and report["n_captions"] == 120
+    rows = {row["method"]: row for row in report["rows"]}
     for row in report["rows"]:
         for direction in ("i2t", "t2i"):
             assert set(row[direction]) == {"R1", "R5", "R10"}
             assert all(0 <= v <= 100 for v in row[direction].values())
             assert row[direction]["R1"] <= row[direction]["R5"] <= row[direction]["R10"]
-    xbt = report["rows"][3]
-    assert xbt["needs_old_encoder"] is False and set(xbt["compatible"]) == {"i2t", "t2i"}
+        assert row["needs_old_encoder"] == (row["method"] == "old->old"
+                                            or row["method"].startswith("slerp"))
+    xbt = rows["xbt->old"]
+    assert set(xbt["compatible"]) == {"i2t", "t2i"} and set(xbt["flips"]) == {"i2t", "t2i"}
+    # costs: faithful needs the old text tower on the corpus only; anchored adds the pairs
+    data = report["data"]
+    assert xbt["cost"]["old_forward_passes"] == data["old_text"]["rows_embedded"]
+    assert rows["xbt-anchored->old"]["cost"]["old_forward_passes"] == (
+        data["old_text"]["rows_embedded"] + data["old_pair_images"]["rows_embedded"]
+        + data["old_pair_texts"]["rows_embedded"])
+    assert report["full_backfill"] == {"items": 160, "images": 40, "captions": 120}
+    assert set(report["backfill"]) == {"xbt->old", "xbt-anchored->old", "procrustes-both->old"}
     on_disk = json.loads((config.run_dir / "report.json").read_text())
     assert on_disk["rows"] == report["rows"]
     assert "| xbt-stage1->old" in (config.run_dir / "report.md").read_text()
-    assert (config.run_dir / "config.yaml").is_file()
-    assert (config.run_dir / "stage1" / "projector.safetensors").is_file()
+    for name in ("config.yaml", "report.csv", "compatibility.png", "backfill.png",
+                 "eval_inputs.json", "stage1/projector.safetensors"):
+        assert (config.run_dir / name).is_file(), name
+
+
+def test_xbt_report_recomputes_the_report_from_the_recorded_inputs(tiny_run, mlflow_uri,
+                                                                   tmp_path):
+    from xbt_ray.cli import main
+
+    config, report = tiny_run
+    code = main(["report", "--inputs", str(config.run_dir / "eval_inputs.json"),
+                 "--out", str(tmp_path), "--config", str(config.run_dir / "config.yaml"),
+                 "--run-name", "tiny-report", f"tracking.tracking_uri={mlflow_uri}"])
+    assert code == 0
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert again["rows"] == json.loads(json.dumps(report["rows"]))
+    assert again["backfill"] == json.loads(json.dumps(report["backfill"]))
 
 
 def test_rows_are_accounted_for(tiny_run):
@@ -46,13 +74,17 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_run, mlflow_uri):
     assert "old_to_old.t2i.R10" in run.data.metrics
     assert all("@" not in name and ">" not in name for name in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "report.json", "report.md"} <= artifacts
+    assert {"config.yaml", "report.json", "report.md", "report.csv", "compatibility.png",
+            "backfill.png", "eval_inputs.json"} <= artifacts
+    assert "slerp_to_old.i2t.R1" in run.data.metrics
+    assert "xbt-anchored_to_old.cells_passed" in run.data.metrics
 
 
-def test_second_run_reuses_world_models_and_embeddings(tiny_run, mlflow_uri):
-    config, first = tiny_run
-    report = run_pipeline(dataclasses.replace(config, run_name="tiny-again"))
-    assert all(counts["reused"] for counts in report["data"].values())
+def test_second_run_reuses_world_models_and_embeddings(tiny_run):
+    config, _ = tiny_run
+    again = dataclasses.replace(config, run_name="tiny-again")
+    timings = {}
+    embedded = embed_step(again, resolve_sources(again, timings), timings)
+    assert embedded and all(result.reused for result in embedded.values())
     models = sorted(p.name for p in (Path(config.cache_dir) / "models").glob("*.safetensors"))
     assert len(models) == 2  # one old, one new: not retrained
-    assert report["rows"][0] == first["rows"][0]  # same old->old from the same cached data

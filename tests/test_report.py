@@ -3,7 +3,15 @@ import json
 
 import pytest
 
-from xbt_ray.eval.report import build_report, format_table, make_row, write_report
+from xbt_ray.eval.report import (
+    build_report,
+    cells_passed,
+    format_table,
+    make_row,
+    published_rows,
+    to_csv,
+    write_report,
+)
 
 OLD = {"i2t": {"R1": 40.0, "R5": 70.0, "R10": 80.0}, "t2i": {"R1": 20.0, "R5": 45.0, "R10": 55.0}}
 NEW = {"i2t": {"R1": 50.0, "R5": 70.0, "R10": 90.0}, "t2i": {"R1": 30.0, "R5": 55.0, "R10": 60.0}}
@@ -45,10 +53,12 @@ def test_report_json_round_trip(tmp_path):
     report = _report()
     assert report["dataset"] == "demo-heldout" and report["protocol"] == "1k test"
     assert report["n_images"] == 1000 and report["n_captions"] == 5000
-    json_path, md_path = write_report(report, tmp_path / "out")
-    assert json_path.name == "report.json" and md_path.name == "report.md"
-    assert json.loads(json_path.read_text()) == report
-    assert md_path.read_text(encoding="utf-8").strip() == format_table(report).strip()
+    paths = write_report(report, tmp_path / "out")
+    assert json.loads(paths["json"].read_text()) == report
+    assert paths["md"].read_text(encoding="utf-8").strip() == format_table(report).strip()
+    assert "backfill" not in paths  # no curves in this report
+    png = paths["heatmap"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_markdown_table_marks():
@@ -64,3 +74,65 @@ def test_markdown_table_marks():
     assert xbt_line.count("✓") == 5 and xbt_line.count("✗") == 1
     assert "0.50" in xbt_line  # I2T R1 update gain
     assert len({len(line) for line in lines}) == 1  # columns padded to a common width
+    assert "5/6" in xbt_line  # cells passing the strict criterion
+
+
+def _full_report():
+    report = _report()
+    report["rows"][2]["flips"] = {"i2t": {"PFR": 12.5, "NFR": 2.0}, "t2i": {"PFR": 3.0, "NFR": 1.0}}
+    report["rows"][2]["cost"] = {"old_forward_passes": 20000}
+    slerp = make_row("slerp->old", "slerp", "old", True, XBT, OLD, NEW)
+    slerp["flips"] = {"i2t": {"PFR": 1.0, "NFR": 0.5}, "t2i": {"PFR": 0.0, "NFR": 0.0}}
+    slerp["fit"] = {"support": "both", "alpha": 0.3}
+    report["rows"].append(slerp)
+    report["full_backfill"] = {"items": 6000, "images": 1000, "captions": 5000}
+    report["backfill"] = {"xbt->old": {
+        "fractions": [0.0, 0.5, 1.0],
+        "r1": {d: {"random": [40.0, 45.0, 48.0], "distance": [40.0, 47.0, 48.0]}
+               for d in ("i2t", "t2i")},
+        "auc": {d: {"random": 44.5, "distance": 45.5} for d in ("i2t", "t2i")}}}
+    return report
+
+
+def test_markdown_sections_flips_fits_backfill_costs():
+    table = format_table(_full_report())
+    flips = [line.split("|")[1:-1] for line in table.splitlines()
+             if line.startswith("| xbt->old") and "12.5" in line]
+    assert [c.strip() for c in flips[0]] == ["xbt->old", "12.5", "2.0", "3.0", "1.0", "-"]
+    assert "support=both, alpha=0.3" in table
+    assert "| xbt->old" in table and "44.5" in table and "45.5" in table
+    assert "20,000" in table and "6,000 items" in table
+    assert "Published" not in table  # demo data: no published numbers apply
+
+
+def test_csv_one_line_per_method():
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(to_csv(_full_report()))))
+    assert [r["method"] for r in rows] == ["old->old", "new->new", "xbt->old", "slerp->old"]
+    assert float(rows[2]["i2t_R5"]) == 72.5 and rows[2]["cells_passed"] == "5"
+    assert rows[0]["cells_passed"] == "" and rows[0]["PFR_i2t"] == ""
+    assert float(rows[2]["PFR_i2t"]) == 12.5 and float(rows[2]["gain_i2t_R1"]) == 0.5
+    assert rows[3]["needs_old_encoder"] == "True"
+
+
+def test_backfill_plot_written(tmp_path):
+    paths = write_report(_full_report(), tmp_path)
+    assert paths["backfill"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_published_reference_numbers_ship_as_data():
+    rows = published_rows("Flickr30k", "large-scale")
+    xbt_l14 = [r for r in rows if r["method"] == "xbt->old" and r["new_model"] == "ViT-L-14"]
+    assert xbt_l14[0]["i2t_R1"] == "42.47" and xbt_l14[0]["t2i_R1"] == "22.38"
+    assert {r["dataset"] for r in published_rows("coco", "large-scale")} == {"coco"}
+    assert published_rows("coco", "standard") == []
+    report = _report()
+    report["dataset"], report["protocol"] = "nocaps", "large-scale"
+    assert "| xbt->old" in format_table(report) and "75.02" in format_table(report)
+
+
+def test_cells_passed():
+    assert cells_passed(make_row("xbt->old", "xbt", "old", False, XBT, OLD, NEW)) == 5
+    assert cells_passed(make_row("old->old", "old", "old", True, OLD, OLD, NEW)) is None

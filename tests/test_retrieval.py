@@ -2,10 +2,15 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xbt_ray.eval.retrieval import (
+    chunk_rows,
     compatible,
+    direction_ranks,
     evaluate_directions,
+    flip_rates,
+    query_ranks,
     recall_at_k,
     rsum,
     update_gain,
@@ -76,9 +81,13 @@ def test_chunking_is_identical():
     gallery = torch.randn(90, 16, generator=g)
     gallery_ids = np.repeat(np.arange(18), 5)
     query_ids = np.arange(37) % 18
-    whole = recall_at_k(queries, gallery, query_ids, gallery_ids, ks=(1, 5, 10), chunk_size=4096)
-    for chunk in (1, 3, 36):
-        assert recall_at_k(queries, gallery, query_ids, gallery_ids, chunk_size=chunk) == whole
+    whole = query_ranks(queries, gallery, query_ids, gallery_ids)
+    # budgets of 1, 3 and 36 query rows per chunk
+    for rows in (1, 3, 36):
+        mib = rows * 5 * len(gallery) / 2**20
+        assert chunk_rows(len(gallery), mib) == rows
+        np.testing.assert_array_equal(
+            query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib=mib), whole)
 
 
 def test_query_without_correct_item_raises():
@@ -95,7 +104,7 @@ def test_evaluate_directions_multi_caption():
     image_ids = np.array(["x", "y"])
     caption_image_ids = np.array(["x", "x", "y", "y"])
     out = evaluate_directions(image_q, text_q, image_g, text_g, image_ids, caption_image_ids,
-                              ks=(1, 2), chunk_size=1)
+                              ks=(1, 2), max_chunk_mib=1e-6)
     # I2T: x -> best caption 0 (correct): rank 0. y -> scores ~ c0 .995, c3 .77, c2 .29, c1 .10:
     #      wrong c0 above best correct c3 -> rank 1.
     # T2I: c0 -> image x rank 0; c1 -> x rank 0; c2 -> y rank 0; c3 -> x above y, rank 1.
@@ -124,3 +133,45 @@ def test_update_gain_values_and_zero_denominator():
 
 def test_rsum():
     assert rsum(OLD) == pytest.approx(40 + 70 + 80 + 20 + 45 + 55)
+
+
+def test_ranks_count_only_incorrect_items_above_the_best_correct():
+    # scores of the query against items 0..5 are 6,5,4,3,2,1; correct items: 1 and 4
+    ranks = query_ranks(torch.tensor([[6.0, 5, 4, 3, 2, 1]]), torch.eye(6), np.array([7]),
+                        np.array([0, 7, 1, 2, 7, 3]))
+    assert ranks.tolist() == [1]
+
+
+def test_ranks_with_uneven_numbers_of_correct_items():
+    # id 0 has 1 correct item, id 1 has 3; brute force agrees
+    g = torch.Generator().manual_seed(1)
+    gallery = torch.randn(12, 8, generator=g)
+    gallery_ids = np.array([0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5, 5])
+    queries = torch.randn(20, 8, generator=g)
+    query_ids = np.arange(20) % 6
+    ranks = query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib=1e-4)
+    scores = F.normalize(queries, dim=-1) @ F.normalize(gallery, dim=-1).T
+    for i in range(20):
+        correct = gallery_ids == query_ids[i]
+        best = scores[i][torch.from_numpy(correct)].max()
+        assert ranks[i] == int(((scores[i] >= best) & torch.from_numpy(~correct)).sum())
+
+
+def test_flip_rates_hand_computed():
+    # 4 I2T queries: old hits at R1 = [T, T, F, F], new = [T, F, T, F] -> PFR 25%, NFR 25%
+    # 2 T2I queries: old [F, F], new [T, T] -> PFR 100%, NFR 0%
+    old = {"i2t": np.array([0, 0, 3, 1]), "t2i": np.array([2, 5])}
+    new = {"i2t": np.array([0, 2, 0, 4]), "t2i": np.array([0, 0])}
+    assert flip_rates(new, old) == {"i2t": {"PFR": 25.0, "NFR": 25.0},
+                                    "t2i": {"PFR": 100.0, "NFR": 0.0}}
+    # at R5 every rank is < 5 under both: no flips
+    assert flip_rates(new, old, k=5)["i2t"] == {"PFR": 0.0, "NFR": 0.0}
+    assert flip_rates(old, old) == {d: {"PFR": 0.0, "NFR": 0.0} for d in ("i2t", "t2i")}
+
+
+def test_direction_ranks_shapes():
+    image_ids = np.array(["x", "y"])
+    caption_ids = np.array(["x", "x", "y", "y"])
+    ranks = direction_ranks(torch.eye(2), torch.eye(2)[[0, 0, 1, 1]], torch.eye(2),
+                            torch.eye(2)[[0, 0, 1, 1]], image_ids, caption_ids)
+    assert ranks["i2t"].tolist() == [0, 0] and ranks["t2i"].tolist() == [0, 0, 0, 0]

@@ -119,3 +119,68 @@ def test_stage2_takes_no_old_model():
     assert not [name for name in params if "old" in name]
     assert "new" in params
 
+
+
+# ---------------------------------------------------------------- the anchored objective
+
+
+def test_anchored_stage2_in_the_chain_trained_lora_and_psi_on_cached_targets(tiny_run):
+    config, _ = tiny_run
+    faithful = json.loads((config.run_dir / "stage2" / SUMMARY).read_text())
+    summary = json.loads((config.run_dir / "stage2_anchored" / SUMMARY).read_text())
+    assert summary["objective"] == "anchored" and summary["mode"] == "lora"
+    assert summary["models_built"] == config.new.name and summary["old_forward_passes"] == 0
+    assert summary["base_checksum_start"] == summary["base_checksum_end"]
+    trained = summary["trained_tensors"]
+    assert any("lora_" in n for n in trained) and any(n.startswith("psi.") for n in trained)
+    assert summary["data"] == faithful["data"]  # the same pairs; every one had its old targets
+    assert (config.run_dir / "stage2_anchored" / QUERY_ENCODER).is_file()
+
+
+def test_anchored_psi_only_on_cached_embeddings(tiny_run):
+    from xbt_ray.config import Stage2Config
+    from xbt_ray.data.cache import read_embeddings
+
+    config, _ = tiny_run
+    inputs = json.loads((config.run_dir / "eval_inputs.json").read_text())["support"]
+    read = read_embeddings
+    recipe = Stage2Config(objective="anchored", mode="psi-only", epochs=1, batch_size=64,
+                          psi_lr=1e-3, pair_weight=0.0)
+    out = config.run_dir / "psi-only-anchored"
+    new_texts = read(inputs["new_captions"][1])  # the pairs' captions (not the corpus)
+    summary = train_stage2(
+        config.new, config.run_dir / "stage1", recipe, config.lora, config.stage1,
+        config.trainer, run_name="psi-only-anchored", storage_path=config.run_dir / "ray-train",
+        out_dir=out, seed=0,
+        pair_embeddings=(read(inputs["new_images"]), new_texts),
+        anchor_embeddings=(read(inputs["old_images"]), read(inputs["old_captions"][1])))
+    assert summary["data"] == {"rows_in": len(new_texts), "rows_used": len(new_texts),
+                               "skipped": {"no_old_target": 0}}
+    assert summary["trained_tensors"] and all(n.startswith("psi.") for n in
+                                              summary["trained_tensors"])
+    before, after = load_projector(config.run_dir / "stage1"), load_projector(out)
+    assert not torch.equal(before.linear.weight, after.linear.weight)
+    assert load_query_encoder(out / QUERY_ENCODER).encode_text(
+        torch.zeros(1, 77, dtype=torch.long)).shape[1] == clip.embed_dim(config.old.name)
+
+
+def test_training_pairs_get_image_codes_and_old_target_rows():
+    import io
+
+    from PIL import Image
+
+    from xbt_ray.train.stage2 import decode_training_pairs, image_codes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    batch = {"key": np.array(["k2", "k9", "k1"], dtype=object),
+             "image_id": np.array(["a", "b", "a"], dtype=object),
+             "jpg": np.array([buf.getvalue()] * 3, dtype=object),
+             "txt": np.array([b"a red box", b"a blue ring", b""], dtype=object)}
+    out = decode_training_pairs(batch, 16, "xbt-test-new", np.array(["k1", "k2", "k3"]))
+    assert out["target"].tolist() == [1, -1, 0]
+    # k9 has no cached old target; k1's caption is empty (that reason wins)
+    assert out["skip_reason"].tolist() == ["", "no_old_target", "empty_caption"]
+    codes = out["image_code"]
+    assert codes[0] == codes[2] != codes[1]
+    assert image_codes(["a"])[0] == codes[0]  # stable across calls and processes

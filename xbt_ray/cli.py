@@ -11,7 +11,7 @@ from xbt_ray.config import ConfigError, load_config
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "the whole chain: world/models, embed, stage 1, evaluate"),
+    for name, help_text in (("run", "the whole chain: world/models, embed, stage 1, stage 2, evaluate"),
                             ("world", "build the demo world's shards (cached by recipe)"),
                             ("embed", "embed caption corpus and eval split (old and new)"),
                             ("stage1", "embed (reused) + fit the projector on text"),
@@ -20,6 +20,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
         p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("report", help="the evaluation suite from embeddings alone: report "
+                                      "table, CSV, heatmap and backfill curves, logged to MLflow")
+    p.add_argument("--inputs", required=True,
+                   help="eval_inputs.json (written by `xbt run`) or a directory laid out as "
+                        "eval/{old,new}_{images,captions}/, queries/<name>/{images,captions}/, "
+                        "support/...")
+    p.add_argument("--out", help="output directory (default: runs/<run-name>)")
+    p.add_argument("--config", help="YAML config (eval.*, tracking.*)")
+    p.add_argument("--run-name", help="name of the MLflow run and default output dir")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("eval-data", help="convert Flickr30k/COCO (Karpathy JSON), NoCaps or a "
+                                         "manifest into an evaluation split (data.eval)")
+    p.add_argument("--format", required=True, choices=["karpathy", "nocaps", "manifest"])
+    p.add_argument("--annotations", required=True, help="annotation JSON or manifest file")
+    p.add_argument("--images", help="image root directory")
+    p.add_argument("--protocol", required=True, help="large-scale | standard | all (manifest)")
+    p.add_argument("--out", required=True, help="split directory to write")
+    p.add_argument("--dataset", help="dataset name (default: from the annotation file)")
     p = sub.add_parser("encode", help="embed images or texts into the OLD space with an "
                                       "exported query encoder")
     p.add_argument("--encoder", required=True, help="query_encoder.safetensors from stage 2")
@@ -44,12 +62,47 @@ def encode(args, config) -> None:
     print(f"{result.directory}\n{result.counts}")
 
 
+def report(args, config) -> None:
+    """Evaluate from embeddings, write the report files, log them to MLflow, print the table."""
+    from pathlib import Path
+
+    import mlflow
+
+    from xbt_ray import tracking
+    from xbt_ray.eval.report import format_table, write_report
+    from xbt_ray.eval.suite import evaluate, load_inputs
+
+    inputs = load_inputs(args.inputs)
+    out_dir = Path(args.out) if args.out else config.run_dir
+    with tracking.start_run(config):
+        result = evaluate(inputs, config.eval, config.seed)
+        paths = write_report(result, out_dir)
+        tracking.log_report(result)
+        for path in paths.values():
+            mlflow.log_artifact(str(path))
+    print(format_table(result))
+    print("\nreport: " + "\n        ".join(str(p) for p in paths.values()))
+
+
+def eval_data(args) -> None:
+    from xbt_ray.data.eval_sets import prepare_eval_split
+
+    manifest = prepare_eval_split(args.format, args.annotations, args.images, args.protocol,
+                                  args.out, dataset=args.dataset)
+    print(f"{args.out}: {manifest['dataset']} ({manifest['protocol']}), "
+          f"{manifest['images']} images, {manifest['captions']} captions, "
+          f"skipped {manifest['skipped']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         run_name = getattr(args, "run_name", None)
         overrides = list(args.overrides) + ([f"run_name={run_name}"] if run_name else [])
+        if args.command == "eval-data":
+            eval_data(args)
+            return 0
         config = load_config(args.config, overrides)
         if args.command in ("run", "embed", "stage1", "stage2"):
             from xbt_ray.pipeline import run_pipeline
@@ -57,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(config, until="evaluate" if args.command == "run" else args.command)
         elif args.command == "encode":
             encode(args, config)
+        elif args.command == "report":
+            report(args, config)
         elif args.command == "world":
             from xbt_ray.pipeline import build_demo_world
 

@@ -120,8 +120,15 @@ class LoraConfig:
 
 @dataclass
 class Stage2Config:
-    """Stage 2: image-text pairs, old model absent."""
+    """Stage 2 on image-text pairs.
 
+    objective `faithful` (the paper): old model absent, loss = InfoNCE(psi(new image),
+    psi(new text)). `anchored` (beyond the paper): + contrastive terms against the CACHED old
+    embeddings of the training pairs (the old model ran once, in the embedding job), each with its
+    weight: psi(new image) -> old text, psi(new text) -> old image, and the same-modality anchors.
+    """
+
+    objective: str = "faithful"  # faithful | anchored
     mode: str = "lora"        # lora | psi-only (cached new embeddings, no image forward passes)
     epochs: int = 3
     batch_size: int = 128
@@ -131,12 +138,28 @@ class Stage2Config:
     temperature: float = 0.05
     text_weight: float = 0.0  # + w * stage-1 loss on cached text pairs (regularises a trained psi)
     psi_from_scratch: bool = False  # ablation: no text pretraining (psi trained here from init)
+    pair_weight: float = 1.0          # InfoNCE(psi(new image), psi(new text)), both objectives
+    image_to_old_text: float = 1.0    # anchored: psi(new image) vs old captions (I2T targets)
+    text_to_old_image: float = 1.0    # anchored: psi(new text) vs old images (T2I targets)
+    image_to_old_image: float = 0.5   # anchored: same-modality anchor
+    text_to_old_text: float = 0.5     # anchored: same-modality anchor
+
+    def anchor_weights(self) -> dict[str, float]:
+        """The anchored terms in use (empty for the faithful objective)."""
+        if self.objective != "anchored":
+            return {}
+        terms = ("image_to_old_text", "text_to_old_image", "image_to_old_image",
+                 "text_to_old_text")
+        return {t: getattr(self, t) for t in terms if getattr(self, t) > 0}
 
 
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    chunk_size: int = 4096
+    max_chunk_mib: float = 256       # working memory of one chunk of exact search
+    baselines: bool = True           # closed-form baselines (need support embeddings)
+    support_holdout: float = 0.1     # share of support images held out to pick SLERP alpha/ridge
+    backfill_points: int = 11        # gallery fractions 0..1 of the partial-backfill curve (0: off)
 
 
 @dataclass
@@ -164,6 +187,10 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     lora: LoraConfig = field(default_factory=LoraConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    # a second stage 2 with the anchored objective, reported beside `stage2` (the paper's)
+    compare_anchored: bool = True
+    stage2_anchored: Stage2Config = field(default_factory=lambda: Stage2Config(
+        objective="anchored", psi_lr=1e-3))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -186,15 +213,34 @@ class Config:
              "world.objects_min must be >= 1 and <= world.objects_max"),
             (bool(self.old.name) and bool(self.new.name), "old.name and new.name must be set"),
             (all(k >= 1 for k in self.eval.ks), "eval.ks must be positive"),
-            (self.stage2.mode in ("lora", "psi-only"), "stage2.mode must be lora or psi-only"),
-            (self.stage2.mode == "lora" or self.stage2.psi_lr > 0,
-             "stage2.mode=psi-only trains psi only: set stage2.psi_lr > 0"),
-            (not self.stage2.psi_from_scratch or self.stage2.psi_lr > 0,
-             "stage2.psi_from_scratch needs stage2.psi_lr > 0"),
-            (self.stage2.text_weight == 0 or self.stage2.psi_lr > 0,
-             "stage2.text_weight regularises psi: it needs stage2.psi_lr > 0"),
             (self.lora.rank >= 1, "lora.rank must be >= 1"),
+            (0 < self.eval.support_holdout < 1, "eval.support_holdout must be in (0, 1)"),
+            (self.eval.backfill_points == 0 or self.eval.backfill_points >= 2,
+             "eval.backfill_points must be 0 (off) or >= 2"),
+            (self.stage2_anchored.objective == "anchored",
+             "stage2_anchored.objective must be anchored (use stage2.objective to change the "
+             "main run)"),
         ]
+        for name in ("stage2", "stage2_anchored"):
+            s2: Stage2Config = getattr(self, name)
+            checks += [
+                (s2.objective in ("faithful", "anchored"),
+                 f"{name}.objective must be faithful or anchored"),
+                (s2.mode in ("lora", "psi-only"), f"{name}.mode must be lora or psi-only"),
+                (s2.mode == "lora" or s2.psi_lr > 0,
+                 f"{name}.mode=psi-only trains psi only: set {name}.psi_lr > 0"),
+                (not s2.psi_from_scratch or s2.psi_lr > 0,
+                 f"{name}.psi_from_scratch needs {name}.psi_lr > 0"),
+                (s2.text_weight == 0 or s2.psi_lr > 0,
+                 f"{name}.text_weight regularises psi: it needs {name}.psi_lr > 0"),
+                (s2.pair_weight > 0 or s2.objective == "anchored",
+                 f"{name}.pair_weight must be > 0 for the faithful objective"),
+                (s2.pair_weight > 0 or bool(s2.anchor_weights()),
+                 f"{name}: every loss weight is 0"),
+                (min(s2.pair_weight, s2.image_to_old_text, s2.text_to_old_image,
+                     s2.image_to_old_image, s2.text_to_old_text) >= 0,
+                 f"{name}: loss weights must be >= 0"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)

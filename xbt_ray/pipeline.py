@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xbt_ray import tracking
-from xbt_ray.config import Config, ConfigError, ModelConfig, save_config
+from xbt_ray.config import Config, ConfigError, ModelConfig, Stage2Config, save_config
 from xbt_ray.data import cache, embed, shards
 from xbt_ray.models import clip
 
@@ -35,6 +35,7 @@ class Sources:
     old: ModelConfig
     new: ModelConfig
     dataset: str
+    protocol: str
 
 
 def init_ray(config: Config) -> None:
@@ -124,12 +125,26 @@ def resolve_sources(config: Config, timings: dict) -> Sources:
         text=shards.list_shards(data.text),
         eval_images=shards.list_shards(str(eval_dir / "images")),
         eval_captions=shards.list_shards(str(eval_dir / "captions.parquet")),
-        old=models["old"], new=models["new"],
-        dataset="demo-heldout" if world_dir is not None else eval_dir.name)
+        old=models["old"], new=models["new"], **_split_name(eval_dir, world_dir is not None))
+
+
+def _split_name(eval_dir: Path, demo: bool) -> dict:
+    """Dataset and protocol of an eval split: the demo's, from the split's manifest.json
+    (written by `xbt eval-data`), or the directory name."""
+    if demo:
+        return {"dataset": "demo-heldout", "protocol": "held-out split"}
+    manifest = eval_dir / "manifest.json"
+    if manifest.is_file():
+        doc = json.loads(manifest.read_text())
+        return {"dataset": doc.get("dataset", eval_dir.name),
+                "protocol": doc.get("protocol", "custom")}
+    return {"dataset": eval_dir.name, "protocol": "custom"}
 
 
 def embed_step(config: Config, sources: Sources, timings: dict) -> dict:
-    """All embeddings the later steps read: caption corpus and eval split, old and new."""
+    """All embeddings the later steps read: caption corpus and eval split, old and new, and the
+    training pairs (old and new: support of the baselines, targets of the anchored objective,
+    inputs of psi-only stage 2). The gallery is never embedded by anything but its own model."""
     jobs = {
         "old_text": (sources.text, "text", sources.old),
         "new_text": (sources.text, "text", sources.new),
@@ -138,9 +153,10 @@ def embed_step(config: Config, sources: Sources, timings: dict) -> dict:
         "old_eval_captions": (sources.eval_captions, "text", sources.old),
         "new_eval_captions": (sources.eval_captions, "text", sources.new),
     }
-    if config.stage2.mode == "psi-only":  # stage 2 on cached NEW embeddings of the pairs
-        jobs["new_pair_images"] = (sources.image_text, "image", sources.new)
-        jobs["new_pair_texts"] = (sources.image_text, "text", sources.new)
+    if sources.image_text:
+        for which, model in (("old", sources.old), ("new", sources.new)):
+            jobs[f"{which}_pair_images"] = (sources.image_text, "image", model)
+            jobs[f"{which}_pair_texts"] = (sources.image_text, "text", model)
     results = {}
     with timed(timings, "embed"):
         for name, (files, modality, model) in jobs.items():
@@ -165,54 +181,108 @@ def stage1_step(config: Config, embedded: dict, timings: dict) -> Path:
     return out_dir
 
 
+def stage2_runs(config: Config) -> list[tuple[str, Stage2Config, str]]:
+    """(config section, recipe, report method) of each stage 2 to run: `stage2`, plus
+    `stage2_anchored` beside a faithful `stage2` when `compare_anchored` is on."""
+    def method(recipe):
+        return "xbt-anchored->old" if recipe.objective == "anchored" else "xbt->old"
+
+    runs = [("stage2", config.stage2, method(config.stage2))]
+    if config.compare_anchored and config.stage2.objective == "faithful":
+        runs.append(("stage2_anchored", config.stage2_anchored, "xbt-anchored->old"))
+    return runs
+
+
 def stage2_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Path,
-                timings: dict) -> Path:
-    """Stage 2 with the old model absent; exports the upgraded query encoder."""
+                timings: dict, section: str, recipe: Stage2Config) -> Path:
+    """One stage 2 (old model absent; the anchored objective reads CACHED old embeddings of the
+    training pairs); exports the upgraded query encoder into run_dir/<section>."""
     from xbt_ray.train.stage2 import SUMMARY, train_stage2
 
-    out_dir = config.run_dir / "stage2"
+    out_dir = config.run_dir / section
     if (out_dir / SUMMARY).is_file():
-        log.info("stage 2 already finished in %s (reused)", out_dir)
+        log.info("%s already finished in %s (reused)", section, out_dir)
         return out_dir
-    if config.stage2.mode == "lora" and not sources.image_text:
+    if not sources.image_text:
         raise ConfigError("stage 2 needs image-text pairs: set data.image_text")
     read = lambda name: cache.read_embeddings(embedded[name].directory)  # noqa: E731
-    with timed(timings, "stage2"):
+    with timed(timings, section):
         summary = train_stage2(
-            sources.new, stage1_dir, config.stage2, config.lora, config.stage1, config.trainer,
-            run_name="stage2", storage_path=config.run_dir / "ray-train", out_dir=out_dir,
+            sources.new, stage1_dir, recipe, config.lora, config.stage1, config.trainer,
+            run_name=section, storage_path=config.run_dir / "ray-train", out_dir=out_dir,
             seed=config.seed, pair_files=sources.image_text,
             pair_embeddings=((read("new_pair_images"), read("new_pair_texts"))
-                             if config.stage2.mode == "psi-only" else None),
-            text_pairs=((read("new_text"), read("old_text"))
-                        if config.stage2.text_weight > 0 else None))
-    tracking.log_counts("data.stage2_pairs", summary["data"])
+                             if recipe.mode == "psi-only" else None),
+            text_pairs=((read("new_text"), read("old_text")) if recipe.text_weight > 0 else None),
+            anchor_embeddings=((read("old_pair_images"), read("old_pair_texts"))
+                               if recipe.objective == "anchored" else None))
+    tracking.log_counts(f"data.{section}_pairs", summary["data"])
     return out_dir
 
 
-def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Path,
-                  stage2_dir: Path, timings: dict) -> dict:
-    """Compatibility report; the full method's queries come from the EXPORTED query encoder,
-    run by the embedding job exactly as a user would serve it."""
-    from xbt_ray.eval.compat import EvalSplit, compatibility_report
-    from xbt_ray.train.stage1 import load_projector, project
-    from xbt_ray.train.stage2 import QUERY_ENCODER
+def old_forward_passes(embedded: dict) -> dict:
+    """Old-model forward passes behind each method (training and support items only)."""
+    n = {name: r.counts["rows_embedded"] for name, r in embedded.items()}
+    text = n["old_text"]
+    pairs = n.get("old_pair_images", 0) + n.get("old_pair_texts", 0)
+    costs = {"xbt-stage1->old": text, "xbt->old": text, "xbt-anchored->old": text + pairs,
+             "procrustes-text->old": text + n.get("old_pair_texts", 0),
+             "procrustes-image->old": n.get("old_pair_images", 0)}
+    for method in ("procrustes-both->old", "ridge->old", "slerp->old", "slerp-mid->old"):
+        costs[method] = text + pairs
+    return {m: {"old_forward_passes": v} for m, v in costs.items()}
 
-    encoder = ModelConfig(name=sources.new.name, pretrained=str(stage2_dir / QUERY_ENCODER))
+
+def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Path,
+                  stage2_dirs: dict[str, Path], timings: dict) -> dict:
+    """The evaluation suite on the held-out split. Each stage 2's queries come from its
+    EXPORTED query encoder, run by the embedding job exactly as a user would serve it. Every
+    input is recorded in run_dir/eval_inputs.json, so `xbt report` can recompute the report."""
+    from xbt_ray.eval.suite import load_inputs, evaluate, write_manifest
+    from xbt_ray.train.stage1 import load_projector, project
+
     with timed(timings, "evaluate"):
-        xbt = {modality: cache.read_embeddings(embed.embed_shards(
-            files, modality, encoder, config.cache_dir, config.embed).directory)
-            for modality, files in (("image", sources.eval_images),
-                                    ("text", sources.eval_captions))}
-        split = EvalSplit(*(cache.read_embeddings(embedded[k].directory) for k in (
-            "old_eval_images", "new_eval_images", "old_eval_captions", "new_eval_captions")))
-        psi = load_projector(stage1_dir)
-        projected = {"xbt-stage1->old": (project(psi, split.new_images.emb),
-                                         project(psi, split.new_captions.emb)),
-                     "xbt->old": (split.rows_of(xbt["image"], "image"),
-                                  split.rows_of(xbt["text"], "caption"))}
-        return compatibility_report(split, projected, config.eval, sources.dataset,
-                                    "held-out split")
+        split = {role: embedded[f"{role.split('_')[0]}_eval_{role.split('_')[1]}"].directory
+                 for role in ("old_images", "new_images", "old_captions", "new_captions")}
+        queries = {"xbt-stage1": _stage1_queries(config, embedded, load_projector(stage1_dir),
+                                                 project)}
+        for method, out_dir in stage2_dirs.items():
+            encoder = ModelConfig(name=sources.new.name,
+                                  pretrained=str(out_dir / "query_encoder.safetensors"))
+            queries[method.split("->")[0]] = {
+                kind: embed.embed_shards(files, modality, encoder, config.cache_dir,
+                                         config.embed).directory
+                for kind, modality, files in (("images", "image", sources.eval_images),
+                                              ("captions", "text", sources.eval_captions))}
+        support = None
+        if sources.image_text:
+            support = {"old_captions": [embedded["old_text"].directory,
+                                        embedded["old_pair_texts"].directory],
+                       "new_captions": [embedded["new_text"].directory,
+                                        embedded["new_pair_texts"].directory],
+                       "old_images": embedded["old_pair_images"].directory,
+                       "new_images": embedded["new_pair_images"].directory}
+        n_images = embedded["new_eval_images"].counts["rows_embedded"]
+        n_captions = embedded["new_eval_captions"].counts["rows_embedded"]
+        costs = old_forward_passes(embedded) | {"full_backfill": {
+            "items": n_images + n_captions, "images": n_images, "captions": n_captions}}
+        manifest = write_manifest(config.run_dir / "eval_inputs.json", split, queries, support,
+                                  sources.dataset, sources.protocol, costs)
+        return evaluate(load_inputs(manifest), config.eval, config.seed)
+
+
+def _stage1_queries(config: Config, embedded: dict, psi, project) -> dict[str, Path]:
+    """psi(new eval embeddings) written as caches under run_dir/eval/queries/xbt-stage1."""
+    out = {}
+    for kind, name in (("images", "new_eval_images"), ("captions", "new_eval_captions")):
+        table = cache.read_embeddings(embedded[name].directory)
+        directory = config.run_dir / "eval" / "queries" / "xbt-stage1" / kind
+        meta = cache.make_meta("xbt-stage1", str(config.run_dir / "stage1"), psi.d_out,
+                               table.meta["dataset"], table.meta["modality"])
+        cache.write_embeddings(directory, table.keys, table.image_ids,
+                               project(psi, table.emb), meta, dtype="float32")
+        out[kind] = directory
+    return out
 
 
 STEPS = ("embed", "stage1", "stage2", "evaluate")
@@ -246,23 +316,25 @@ def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
         stage1_dir = stage1_step(config, embedded, timings)
         if until == "stage1":
             return None
-        stage2_dir = stage2_step(config, sources, embedded, stage1_dir, timings)
+        stage2_dirs = {method: stage2_step(config, sources, embedded, stage1_dir, timings,
+                                           section, recipe)
+                       for section, recipe, method in stage2_runs(config)}
         if until == "stage2":
             return None
-        report = evaluate_step(config, sources, embedded, stage1_dir, stage2_dir, timings)
+        report = evaluate_step(config, sources, embedded, stage1_dir, stage2_dirs, timings)
         report["models"] = {"old": dataclasses.asdict(sources.old),
                             "new": dataclasses.asdict(sources.new)}
         report["data"] = {name: r.counts | {"reused": r.reused} for name, r in embedded.items()}
         timings["total"] = round(time.perf_counter() - started, 1)
         report["timings_s"] = timings
-        json_path, md_path = write_report(report, run_dir)
+        paths = write_report(report, run_dir)
         tracking.log_report(report)
         mlflow.log_metrics({tracking.metric_name("time", k): v for k, v in timings.items()})
-        for path in (json_path, md_path):
+        for path in list(paths.values()) + [run_dir / "eval_inputs.json"]:
             mlflow.log_artifact(str(path))
         run_id = mlflow.active_run().info.run_id
     print(format_table(report))
-    print(f"\nreport: {json_path}\n        {md_path}")
+    print("\nreport: " + "\n        ".join(str(p) for p in paths.values()))
     print(f"MLflow run {run_id} in {tracking.tracking_uri(config)}\n"
           f"  open it with: mlflow ui --backend-store-uri {tracking.tracking_uri(config)} "
           f"--host 127.0.0.1 --port 5000")

@@ -40,7 +40,7 @@ def start_run(config: Config):
 
 
 def log_report(report: dict) -> None:
-    """Every recall, gain and RSUM of a report as metrics."""
+    """Every recall, gain, RSUM, flip rate, cost and backfill AUC of a report as metrics."""
     import mlflow
 
     metrics = {}
@@ -52,6 +52,19 @@ def log_report(report: dict) -> None:
                 if value is not None:
                     metrics[metric_name(row["method"], "gain", direction, name)] = value
         metrics[metric_name(row["method"], "rsum")] = row["rsum"]
+        for direction, flips in (row.get("flips") or {}).items():
+            for name, value in flips.items():
+                metrics[metric_name(row["method"], direction, name)] = value
+        if "compatible" in row:
+            metrics[metric_name(row["method"], "cells_passed")] = sum(
+                ok for d in ("i2t", "t2i") for ok in row["compatible"][d].values())
+        if "cost" in row:
+            metrics[metric_name(row["method"], "old_forward_passes")] = \
+                row["cost"]["old_forward_passes"]
+    for method, curves in (report.get("backfill") or {}).items():
+        for direction, by_order in curves["auc"].items():
+            for order, value in by_order.items():
+                metrics[metric_name(method, "backfill_auc", direction, order)] = value
     mlflow.log_metrics(metrics)
 
 

@@ -9,6 +9,7 @@ embeddings exported from a vector store in this format (see `write_embeddings`).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def write_part(directory: Path, index: int, keys, image_ids, emb: np.ndarray, me
 def write_embeddings(directory: Path, keys, image_ids, emb: np.ndarray, meta: dict,
                      rows_per_file: int = 100_000, dtype: str = "float16") -> None:
     """Write a whole embedding set (e.g. exported from a vector store) as a complete cache dir."""
+    check_keys(keys, f"embeddings for {directory}")
     for i, start in enumerate(range(0, len(keys), rows_per_file)):
         end = start + rows_per_file
         write_part(directory, i, keys[start:end], image_ids[start:end], emb[start:end], meta, dtype)
@@ -84,20 +86,29 @@ def completed_counts(directory: Path) -> dict | None:
 
 
 def read_meta(path: Path) -> dict:
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path} is not a readable parquet file ({_one_line(e)})") from None
     meta = {}
     for name in META_FIELDS:
         value = raw.get(f"xbt.{name}".encode())
         if value is None:
             raise ConfigError(f"{path} is not an xbt embedding file: metadata 'xbt.{name}' missing")
-        meta[name] = json.loads(value)
+        try:
+            meta[name] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path} has metadata 'xbt.{name}' that is not JSON: "
+                              f"{value[:40]!r}") from None
     return meta
 
 
 def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embeddings:
     """Read every part of a cache directory (ours, or one a user exported in this format).
 
-    `expect` maps metadata fields to required values; any mismatch is a one-line ConfigError.
+    `expect` maps metadata fields to required values; any mismatch is a one-line ConfigError, as
+    are a malformed file, a null embedding, a null or duplicate key, or a row count that differs
+    from the one `_SUCCESS.json` recorded.
     """
     directory = Path(directory)
     files = sorted(directory.glob("part-*.parquet"))
@@ -112,8 +123,20 @@ def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embedd
     for f in files:
         if read_meta(f) != meta:
             raise ConfigError(f"embedding file {f} has metadata that differs from {files[0].name}")
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"embedding file {f} cannot be read ({_one_line(e)})") from None
+        missing = [c for c in ("key", "emb") if c not in table.column_names]
+        if missing:
+            raise ConfigError(f"embedding file {f} lacks columns {missing}")
         emb_col = table.column("emb").combine_chunks()
+        if not (pa.types.is_fixed_size_list(emb_col.type)
+                and pa.types.is_floating(emb_col.type.value_type)):
+            raise ConfigError(f"embedding file {f} has emb of type {emb_col.type}, expected a "
+                              "fixed-size list of float16/float32")
+        if emb_col.null_count:   # flatten() would drop these rows and shift every later one
+            raise ConfigError(f"embedding file {f} has {emb_col.null_count} rows with a null emb")
         dim = emb_col.type.list_size
         if dim != meta["dim"]:
             raise ConfigError(f"embedding file {f} has dim {dim}, metadata says {meta['dim']}")
@@ -124,12 +147,36 @@ def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embedd
         ids = table.column("image_id") if "image_id" in table.column_names else table.column("key")
         image_ids.append(ids.to_numpy(zero_copy_only=False))
         embs.append(emb)
-    return Embeddings(np.concatenate(keys).astype(object), np.concatenate(image_ids).astype(object),
-                      np.concatenate(embs), meta)
+    result = Embeddings(np.concatenate(keys).astype(object),
+                        np.concatenate(image_ids).astype(object), np.concatenate(embs), meta)
+    check_keys(result.keys, f"embedding cache {directory}")
+    counts = completed_counts(directory)
+    if counts is not None and counts.get("rows_embedded", len(result)) != len(result):
+        raise ConfigError(f"embedding cache {directory} holds {len(result)} rows but its {SUCCESS} "
+                          f"says {counts['rows_embedded']}: parts were added or removed")
+    return result
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def check_keys(keys: np.ndarray, where: str) -> None:
+    """Keys identify rows across caches: a null or repeated key is a one-line ConfigError."""
+    keys = np.asarray(keys).tolist()
+    distinct = set(keys)
+    if None in distinct:
+        raise ConfigError(f"{where} has null keys")
+    if len(distinct) != len(keys):
+        repeated = [k for k, n in Counter(keys).items() if n > 1]
+        raise ConfigError(f"{where} has {len(repeated)} duplicate keys (e.g. {repeated[0]!r}); "
+                          "keys must be unique, deduplicate the source shards")
 
 
 def align(a: Embeddings, b: Embeddings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a and b that share a key, in a's order: (keys, a_emb, b_emb)."""
+    check_keys(a.keys, "the first embedding set")
+    check_keys(b.keys, "the second embedding set")
     index = {k: i for i, k in enumerate(b.keys)}
     rows = [(i, index[k]) for i, k in enumerate(a.keys) if k in index]
     if not rows:

@@ -53,7 +53,9 @@ def dataset_fingerprint(files: list[str]) -> str:
 def read_rows(files: list[str], columns: list[str]):
     """A Ray Dataset with the requested columns of `key, image_id, jpg, txt` (raw values).
 
-    `image_id` defaults to `key` when the shards have none (one caption per image).
+    `image_id` defaults to `key` when the shards have none (one caption per image). `txt` arrives
+    as bytes, so that a caption that is not valid UTF-8 is a skipped row, not a failed job.
+    Parquet shards must agree on the requested columns and their types (one-line ConfigError).
     """
     import ray.data
 
@@ -62,17 +64,45 @@ def read_rows(files: list[str], columns: list[str]):
             _webdataset_columns, batch_format="pyarrow"
         )
     else:
-        import pyarrow.parquet as pq
+        ds = ray.data.read_parquet(files, columns=_parquet_columns(files, columns))
+    # batch_size=None: one block per call, so blocks are never concatenated before this
+    return ds.map_batches(_raw_columns, batch_format="pyarrow", batch_size=None)
 
-        available = set(pq.read_schema(files[0]).names)
-        wanted = [c for c in columns if c in available]
-        missing = {c for c in columns if c not in available} - {"image_id"}
-        if missing:
-            raise ConfigError(f"shards at {os.path.dirname(files[0])} lack columns {sorted(missing)}")
-        ds = ray.data.read_parquet(files, columns=wanted)
-    if "image_id" in columns:
-        ds = ds.map_batches(_default_image_id, batch_format="pyarrow")
-    return ds
+
+def _parquet_columns(files: list[str], columns: list[str]) -> list[str]:
+    """The requested columns the shards have, checked: the same names and types in every shard."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def schema(path):
+        try:
+            found = pq.read_schema(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            message = " ".join(str(e).split())
+            raise ConfigError(f"shard {path} is not a readable parquet file ({message})") from None
+        return {c: found.field(c).type for c in columns if c in found.names}
+
+    with ThreadPoolExecutor(16) as pool:   # footers only; many shards on shared storage
+        schemas = list(pool.map(schema, files))
+    first = schemas[0]
+    missing = sorted(set(columns) - set(first) - {"image_id"})
+    if missing:
+        raise ConfigError(f"shard {files[0]} lacks columns {missing}")
+    if "jpg" in first and not (pa.types.is_binary(first["jpg"])
+                               or pa.types.is_large_binary(first["jpg"])):
+        raise ConfigError(f"shard {files[0]} has column jpg of type {first['jpg']}, "
+                          "expected binary image bytes")
+    for path, other in zip(files[1:], schemas[1:]):
+        if other != first:
+            diff = ([f"lacks {c}" for c in first if c not in other]
+                    + [f"has {c}, which {Path(files[0]).name} lacks" for c in other if c not in first]
+                    + [f"{c} is {other[c]}, not {first[c]}"
+                       for c in first if c in other and other[c] != first[c]])
+            raise ConfigError(f"shard {path} has a different schema than {Path(files[0]).name}: "
+                              + "; ".join(diff))
+    return [c for c in columns if c in first]
 
 
 def _webdataset_columns(table):
@@ -85,10 +115,19 @@ def _webdataset_columns(table):
     return pa.table(out)
 
 
-def _default_image_id(table):
-    if "image_id" in table.column_names:
-        return table
-    return table.append_column("image_id", table.column("key"))
+def _raw_columns(table):
+    """`image_id` defaults to `key`; `txt` as bytes (a string column may hold invalid UTF-8,
+    which would fail the conversion to Python strings before `check_caption` could count it)."""
+    import pyarrow as pa
+
+    if "image_id" not in table.column_names:
+        table = table.append_column("image_id", table.column("key"))
+    if "txt" in table.column_names:
+        txt = table.column("txt")
+        if pa.types.is_string(txt.type) or pa.types.is_large_string(txt.type):
+            binary = pa.large_binary() if pa.types.is_large_string(txt.type) else pa.binary()
+            table = table.set_column(table.column_names.index("txt"), "txt", txt.cast(binary))
+    return table
 
 
 # ---------------------------------------------------------------- the CPU stage
@@ -109,6 +148,8 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 return None, "image_too_large"
             img.load()
+            if img.mode.startswith("I"):   # 16-bit greyscale: PIL's convert would clip, not scale
+                img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
             img = img.convert("RGB")
     except Image.DecompressionBombError:
         return None, "image_too_large"

@@ -1,7 +1,11 @@
-"""The evaluation report: rows of report.json (schema in design/method.md) and a markdown table."""
+"""The evaluation report: rows of report.json (schema in design/method.md), a markdown table,
+a CSV, a compatibility heatmap and the partial-backfill curves."""
 from __future__ import annotations
 
+import csv
+import io
 import json
+from importlib import resources
 from pathlib import Path
 
 from xbt_ray.eval.retrieval import DIRECTIONS, compatible, rsum, update_gain
@@ -33,6 +37,13 @@ def build_report(dataset, protocol, n_images, n_captions, rows) -> dict:
             "n_captions": int(n_captions), "rows": list(rows)}
 
 
+def cells_passed(row) -> int | None:
+    """How many cells pass the strict criterion (None for old->old / new->new)."""
+    if "compatible" not in row:
+        return None
+    return sum(ok for d in DIRECTIONS for ok in row["compatible"][d].values())
+
+
 def _recall(row, d, m) -> str:
     text = f"{row[d][m]:.1f}"
     if "compatible" in row:
@@ -45,35 +56,121 @@ def _gain(row, d, m) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def format_table(report) -> str:
-    """Markdown table, one line per method; ✓/✗ mark the strict criterion vs old->old."""
-    rows = report["rows"]
-    metrics = list(rows[0]["i2t"]) if rows else ["R1", "R5", "R10"]
-    first = metrics[0]
-    header = (["method", "needs old enc"]
-              + [f"{d.upper()} {m}" for d in DIRECTIONS for m in metrics]
-              + ["RSUM", f"gain I2T {first}", f"gain T2I {first}"])
-    body = [[row["method"], "yes" if row["needs_old_encoder"] else "no"]
-            + [_recall(row, d, m) for d in DIRECTIONS for m in metrics]
-            + [f"{row.get('rsum', rsum(row)):.1f}", _gain(row, "i2t", first),
-               _gain(row, "t2i", first)]
-            for row in rows]
+def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
+
+
+def format_table(report) -> str:
+    """Markdown: the compatibility table (✓/✗ = strict criterion vs old->old), then flips and
+    baseline fits, partial backfill, costs, and published numbers where they apply."""
+    rows = report["rows"]
+    metrics = list(rows[0]["i2t"]) if rows else ["R1", "R5", "R10"]
+    first = metrics[0]
+    header = (["method", "needs old enc"]
+              + [f"{d.upper()} {m}" for d in DIRECTIONS for m in metrics]
+              + ["RSUM", f"gain I2T {first}", f"gain T2I {first}", "cells ✓"])
+    body = [[row["method"], "yes" if row["needs_old_encoder"] else "no"]
+            + [_recall(row, d, m) for d in DIRECTIONS for m in metrics]
+            + [f"{row.get('rsum', rsum(row)):.1f}", _gain(row, "i2t", first),
+               _gain(row, "t2i", first),
+               "-" if cells_passed(row) is None else f"{cells_passed(row)}/{2 * len(metrics)}"]
+            for row in rows]
     title = (f"**{report['dataset']}** ({report['protocol']}; {report['n_images']} images, "
              f"{report['n_captions']} captions)")
-    return "\n".join([title, "", line(header), line(["-" * w for w in widths])]
-                     + [line(r) for r in body])
+    out = [title, ""] + _markdown(header, body)
+
+    flipped = [r for r in rows if "flips" in r]
+    if flipped:
+        out += ["", "Flip rates at R@1 against old->old (PFR: newly right, NFR: newly wrong, "
+                "% of queries), and how each baseline was fitted:", ""]
+        out += _markdown(["method", "I2T PFR", "I2T NFR", "T2I PFR", "T2I NFR", "fit"],
+                         [[r["method"]] + [f"{r['flips'][d][k]:.1f}" for d in DIRECTIONS
+                                           for k in ("PFR", "NFR")]
+                          + [", ".join(f"{k}={v}" for k, v in r.get("fit", {}).items()) or "-"]
+                          for r in flipped])
+    if report.get("backfill"):
+        out += ["", "Partial backfill: R@1 AUC over the re-embedded gallery fraction "
+                "(random order / most-changed first):", ""]
+        body = []
+        for method, bf in report["backfill"].items():
+            body.append([method] + [f"{bf['auc'][d][o]:.1f}" for d in DIRECTIONS
+                                    for o in ("random", "distance")]
+                        + [f"{bf['r1'][d]['random'][-1]:.1f}" for d in DIRECTIONS])
+        out += _markdown(["method", "I2T AUC random", "I2T AUC distance", "T2I AUC random",
+                          "T2I AUC distance", "I2T R1 at 100%", "T2I R1 at 100%"], body)
+    costed = [r for r in rows if "cost" in r]
+    if costed:
+        out += ["", "Cost: old-model forward passes each method needed (training and support "
+                "items only; the gallery is never re-embedded):", ""]
+        out += _markdown(["method", "old forward passes", "needs old enc at query time"],
+                         [[r["method"], f"{r['cost']['old_forward_passes']:,}",
+                           "yes" if r["needs_old_encoder"] else "no"] for r in costed])
+        if "full_backfill" in report:
+            fb = report["full_backfill"]
+            out += ["", f"A full backfill of this evaluation gallery instead re-embeds "
+                        f"{fb['items']:,} items with the new model ({fb['images']:,} images + "
+                        f"{fb['captions']:,} captions)."]
+    published = published_rows(report["dataset"], report["protocol"])
+    if published:
+        out += ["", f"Published R@1 on {report['dataset']} ({report['protocol']}, "
+                    f"old = CLIP ViT-B/32; from design/method.md):", ""]
+        out += _markdown(["method", "new model", "I2T R1", "T2I R1", "needs old enc", "source"],
+                         [[p["method"], p["new_model"] or "-", p["i2t_R1"], p["t2i_R1"],
+                           p["needs_old_encoder"], p["source"]] for p in published])
+    return "\n".join(out)
 
 
-def write_report(report, out_dir) -> tuple[Path, Path]:
-    """Write report.json and report.md into out_dir (created if needed)."""
+def published_rows(dataset: str, protocol: str) -> list[dict]:
+    """Published numbers (shipped as data) for a dataset and protocol; [] if none."""
+    text = resources.files("xbt_ray.eval").joinpath("published.csv").read_text(encoding="utf-8")
+    return [r for r in csv.DictReader(io.StringIO(text))
+            if r["dataset"] == dataset.lower() and r["protocol"] == protocol]
+
+
+def to_csv(report) -> str:
+    """One line per method: recalls, RSUM, criterion, gains, flips, old-encoder need."""
+    rows = report["rows"]
+    metrics = list(rows[0]["i2t"])
+    fields = (["method", "needs_old_encoder"] + [f"{d}_{m}" for d in DIRECTIONS for m in metrics]
+              + ["rsum", "cells_passed"]
+              + [f"gain_{d}_{m}" for d in DIRECTIONS for m in metrics]
+              + [f"{k}_{d}" for d in DIRECTIONS for k in ("PFR", "NFR")])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        line = {"method": row["method"], "needs_old_encoder": row["needs_old_encoder"],
+                "rsum": round(row["rsum"], 4), "cells_passed": cells_passed(row)}
+        for d in DIRECTIONS:
+            for m in metrics:
+                line[f"{d}_{m}"] = round(row[d][m], 4)
+                gain = row.get("update_gain", {}).get(d, {}).get(m)
+                line[f"gain_{d}_{m}"] = None if gain is None else round(gain, 4)
+            for k in ("PFR", "NFR"):
+                line[f"{k}_{d}"] = row["flips"][d][k] if "flips" in row else None
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def write_report(report, out_dir) -> dict[str, Path]:
+    """Write report.json, report.md, report.csv, compatibility.png and (with backfill curves)
+    backfill.png into out_dir (created if needed). Returns {kind: path}."""
+    from xbt_ray.eval import plots
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(format_table(report) + "\n", encoding="utf-8")
-    return json_path, md_path
+    paths = {"json": out / "report.json", "md": out / "report.md", "csv": out / "report.csv",
+             "heatmap": out / "compatibility.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    paths["md"].write_text(format_table(report) + "\n", encoding="utf-8")
+    paths["csv"].write_text(to_csv(report), encoding="utf-8")
+    plots.compatibility_heatmap(report, paths["heatmap"])
+    if report.get("backfill"):
+        paths["backfill"] = out / "backfill.png"
+        plots.backfill_curves(report, paths["backfill"])
+    return paths

@@ -1,4 +1,4 @@
-"""Exact cosine retrieval metrics (recall@K) and per-cell comparisons against old->old.
+"""Exact cosine retrieval: per-query ranks, recall@K, flip rates, and per-cell comparisons.
 
 A *cell* is one (query model, gallery model) result: `{"i2t": {"R1": .., ...}, "t2i": {...}}`,
 recalls in percent. I2T: image queries against a caption gallery; T2I: caption queries against
@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 DIRECTIONS = ("i2t", "t2i")
+# bytes per (query, gallery item) in one chunk: float32 score + bool comparison
+_BYTES_PER_SCORE = 5
 
 
 def _unit(x) -> torch.Tensor:
@@ -26,13 +28,18 @@ def _codes(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
     return codes[: len(q)], codes[len(q):]
 
 
-def recall_at_k(queries, gallery, query_ids, gallery_ids, ks=(1, 5, 10),
-                chunk_size=4096) -> dict[int, float]:
-    """Recall@K in percent for exact cosine search, with pessimistic tie-breaking.
+def chunk_rows(gallery_size: int, max_chunk_mib: float) -> int:
+    """Queries per chunk so that one chunk's score matrix stays within `max_chunk_mib`."""
+    return max(1, int(max_chunk_mib * 2**20) // (_BYTES_PER_SCORE * max(1, gallery_size)))
 
-    A query's rank is the number of incorrect gallery items scoring >= its best correct item
-    (correct: gallery_ids == query_id); it is a hit at K iff rank < K. Queries are scored
-    `chunk_size` at a time, so memory holds one chunk x gallery score matrix.
+
+def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float = 256) -> np.ndarray:
+    """Each query's rank under exact cosine search, with pessimistic tie-breaking.
+
+    rank = the number of INCORRECT gallery items scoring >= the query's best correct item
+    (correct: gallery_ids == query_id); a query is a hit at K iff rank < K. Other correct items
+    never count against a query. Queries are scored a chunk at a time; a chunk's working memory
+    is about `max_chunk_mib` (float32 scores plus one boolean comparison per gallery item).
     """
     q, g = _unit(queries), _unit(gallery)
     if len(q) != len(query_ids) or len(g) != len(gallery_ids):
@@ -41,28 +48,73 @@ def recall_at_k(queries, gallery, query_ids, gallery_ids, ks=(1, 5, 10),
     if len(q) == 0:
         raise ValueError("no queries to evaluate")
     q_codes, g_codes = _codes(query_ids, gallery_ids)
-    orphans = int((~torch.isin(q_codes, g_codes)).sum())
+    n_codes = int(torch.cat([q_codes, g_codes]).max()) + 1
+    # correct gallery items of each id, as slices of `order` (gallery indices grouped by id)
+    order = torch.argsort(g_codes, stable=True)
+    counts = torch.bincount(g_codes, minlength=n_codes)
+    starts = torch.cumsum(counts, 0) - counts
+    n_correct = counts[q_codes]
+    orphans = int((n_correct == 0).sum())
     if orphans:
         raise ValueError(f"{orphans} of {len(q)} queries have no correct gallery item")
+    offsets = torch.arange(int(n_correct.max()))
 
-    hits = {k: 0 for k in ks}
-    for start in range(0, len(q), chunk_size):
-        scores = q[start:start + chunk_size] @ g.T
-        correct = q_codes[start:start + chunk_size, None] == g_codes[None, :]
-        best = scores.masked_fill(~correct, float("-inf")).max(dim=1).values
-        rank = ((scores >= best[:, None]) & ~correct).sum(dim=1)
-        for k in ks:
-            hits[k] += int((rank < k).sum())
-    return {k: 100.0 * hits[k] / len(q) for k in ks}
+    ranks = torch.empty(len(q), dtype=torch.int64)
+    step = chunk_rows(len(g), max_chunk_mib)
+    for start in range(0, len(q), step):
+        codes = q_codes[start:start + step]
+        scores = q[start:start + step] @ g.T
+        valid = offsets[None, :] < counts[codes][:, None]
+        slots = (starts[codes][:, None] + offsets[None, :]).clamp(max=len(g) - 1)
+        correct = scores.gather(1, order[slots]).masked_fill(~valid, float("-inf"))
+        best = correct.max(dim=1).values
+        at_or_above = (scores >= best[:, None]).sum(dim=1)
+        ranks[start:start + step] = at_or_above - (correct >= best[:, None]).sum(dim=1)
+    return ranks.numpy()
+
+
+def recalls(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+    """Recall@K in percent from per-query ranks."""
+    return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}
+
+
+def recall_at_k(queries, gallery, query_ids, gallery_ids, ks=(1, 5, 10),
+                max_chunk_mib: float = 256) -> dict[int, float]:
+    """Recall@K in percent for exact cosine search (see `query_ranks`)."""
+    return recalls(query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib), ks)
+
+
+def direction_ranks(image_queries, text_queries, image_gallery, text_gallery, image_ids,
+                    caption_image_ids, max_chunk_mib: float = 256) -> dict[str, np.ndarray]:
+    """Per-query ranks of both directions: I2T (images vs caption gallery), T2I (captions vs
+    image gallery)."""
+    return {"i2t": query_ranks(image_queries, text_gallery, image_ids, caption_image_ids,
+                               max_chunk_mib),
+            "t2i": query_ranks(text_queries, image_gallery, caption_image_ids, image_ids,
+                               max_chunk_mib)}
+
+
+def cell_of(ranks: dict[str, np.ndarray], ks=(1, 5, 10)) -> dict:
+    """A cell {"i2t": {"R1": ..}, "t2i": {..}} from per-direction ranks."""
+    return {d: {f"R{k}": v for k, v in recalls(ranks[d], ks).items()} for d in DIRECTIONS}
 
 
 def evaluate_directions(image_queries, text_queries, image_gallery, text_gallery, image_ids,
-                        caption_image_ids, ks=(1, 5, 10), chunk_size=4096) -> dict:
+                        caption_image_ids, ks=(1, 5, 10), max_chunk_mib: float = 256) -> dict:
     """One cell: I2T (images vs caption gallery) and T2I (captions vs image gallery)."""
-    i2t = recall_at_k(image_queries, text_gallery, image_ids, caption_image_ids, ks, chunk_size)
-    t2i = recall_at_k(text_queries, image_gallery, caption_image_ids, image_ids, ks, chunk_size)
-    return {"i2t": {f"R{k}": v for k, v in i2t.items()},
-            "t2i": {f"R{k}": v for k, v in t2i.items()}}
+    return cell_of(direction_ranks(image_queries, text_queries, image_gallery, text_gallery,
+                                   image_ids, caption_image_ids, max_chunk_mib), ks)
+
+
+def flip_rates(ranks: dict[str, np.ndarray], old_ranks: dict[str, np.ndarray], k: int = 1) -> dict:
+    """Per direction, in percent of queries: PFR = wrong under old->old and right here (a
+    positive flip), NFR = right under old->old and wrong here (a negative flip), at R@k."""
+    out = {}
+    for d in DIRECTIONS:
+        hit, old_hit = ranks[d] < k, old_ranks[d] < k
+        out[d] = {"PFR": 100.0 * float(np.mean(hit & ~old_hit)),
+                  "NFR": 100.0 * float(np.mean(~hit & old_hit))}
+    return out
 
 
 def compatible(cell, old_old) -> dict:

@@ -52,6 +52,7 @@ def clip_loop(config: dict) -> None:
             images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
             image_f, text_f, scale = engine(images.to(dtype), batch["tokens"].to(engine.device))
             loss = loss_fn(image_f.float(), text_f.float(), scale.float())
+            distributed.check_finite(loss, epoch, steps)
             engine.backward(loss)
             engine.step()
             with torch.no_grad():

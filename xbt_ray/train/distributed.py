@@ -100,6 +100,20 @@ def trained_state(engine, names: list[str] | None = None) -> dict[str, torch.Ten
         return {n: params[n].detach().float().cpu().clone() for n in wanted}
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Raised instead of a backward pass on a NaN/inf loss: the step is not taken and no
+    checkpoint is written from the corrupted state; the run fails with this one line (after Ray
+    Train's restarts from the last good checkpoint)."""
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop before backward when the (global-batch) loss is NaN or inf."""
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; "
+                            "no step taken, last good checkpoint kept (check lr, temperature "
+                            "and the input embeddings)")
+
+
 def report_epoch(metrics: dict, state: dict[str, torch.Tensor], info: dict, rank: int) -> None:
     """Every rank calls this once per epoch; rank 0 attaches the checkpoint."""
     import ray.train

@@ -1,4 +1,5 @@
-"""Stage-1 losses: symmetric InfoNCE, cosine alignment, input noise, and cross-rank gathering."""
+"""Losses: symmetric (multi-positive) InfoNCE over the global batch, cosine alignment, input
+noise, the stage-1 and stage-2 objectives, and cross-rank gathering."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(all_gather(x), dim=0)
+
+
+def gather_constant(x: torch.Tensor) -> torch.Tensor:
+    """All-gather `x` over ranks (rank order, dim 0) without gradient: ids and cached targets."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
@@ -66,3 +76,40 @@ def add_noise(a: torch.Tensor, sigma: float, generator: torch.Generator | None =
         return a
     eps = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
     return F.normalize(a + sigma * eps, dim=-1)
+
+
+ANCHOR_TERMS = {  # term -> (which projected new embedding, which cached old target)
+    "image_to_old_text": ("image", "text"),
+    "text_to_old_image": ("text", "image"),
+    "image_to_old_image": ("image", "image"),
+    "text_to_old_text": ("text", "text"),
+}
+
+
+def stage2_loss(u: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, temperature: float,
+                pair_weight: float, anchor_weights: dict[str, float] | None = None,
+                old_image: torch.Tensor | None = None, old_text: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage-2 loss over the GLOBAL batch; returns (total, {term: value}).
+
+    u = psi(new image), v = psi(new text), ids = image ids (int) of the rows: every row sharing
+    the query's image id is a positive (several captions per image, repeated images).
+    `pair` = InfoNCE(u, v) (the faithful objective); `anchor_weights` adds contrastive terms
+    against the cached old embeddings of the same rows (see ANCHOR_TERMS).
+    """
+    u, v, ids = gather_with_grad(u), gather_with_grad(v), gather_constant(ids)
+    projected = {"image": u, "text": v}
+    targets = {"image": None if old_image is None else gather_constant(old_image),
+               "text": None if old_text is None else gather_constant(old_text)}
+    parts, total = {}, torch.zeros((), device=u.device)
+    if pair_weight > 0:
+        parts["pair"] = info_nce(u, v, temperature, ids, ids)
+        total = total + pair_weight * parts["pair"]
+    for term, weight in (anchor_weights or {}).items():
+        source, target = ANCHOR_TERMS[term]
+        if targets[target] is None:
+            raise ValueError(f"{term} needs the cached old {target} embeddings")
+        parts[term] = info_nce(projected[source], targets[target].to(u.dtype), temperature,
+                               ids, ids)
+        total = total + weight * parts[term]
+    return total, parts

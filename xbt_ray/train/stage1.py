@@ -56,6 +56,7 @@ def stage1_loop(config: dict) -> None:
             p = engine(a.to(engine.device, dtype)).float()
             loss, parts = stage1_loss(p, batch["b"].float().to(engine.device), recipe.temperature,
                                       recipe.cosine_weight)
+            distributed.check_finite(loss, epoch, steps)
             engine.backward(loss)
             engine.step()
             totals["loss"] += loss.item()

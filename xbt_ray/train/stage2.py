@@ -1,8 +1,14 @@
 """Recipe: stage 2, cross-modal training on image-text pairs with the OLD MODEL ABSENT.
 
 u = norm(psi(f_n^I(x; LoRA))), v = norm(psi(f_n^T(t))); loss = InfoNCE over the global batch
-(all-gathered with gradient), optionally + w * stage-1 loss on cached text pairs. Only the new
-model is ever built here: `train_stage2` takes no old-model config at all.
+(all-gathered with gradient; rows sharing an image id are all positives), optionally + w *
+stage-1 loss on cached text pairs. Only the new model is ever built here: `train_stage2` takes
+no old-model config at all.
+
+Objectives (`stage2.objective`): `faithful` (the paper) uses nothing of the old model;
+`anchored` adds contrastive terms against CACHED old embeddings of the same training pairs
+(written once by the embedding job), e.g. psi(new image) -> old caption, psi(new text) -> old
+image: the exact targets of retrieval against an old gallery.
 
 Modes (`stage2.mode`):
 - `lora`: images stream through Ray Data (decode in a CPU stage) into the LoRA-adapted new image
@@ -12,6 +18,7 @@ Checkpoints hold only what was trained (adapters and/or psi), as safetensors.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict
@@ -28,7 +35,7 @@ from xbt_ray.models import clip, lora
 from xbt_ray.models.projector import Projector
 from xbt_ray.models.query_encoder import export_query_encoder
 from xbt_ray.train import distributed
-from xbt_ray.train.losses import add_noise, contrastive_loss, stage1_loss
+from xbt_ray.train.losses import add_noise, stage1_loss, stage2_loss
 from xbt_ray.train.stage1 import load_projector, save_projector
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,41 @@ def _build_module(config: dict):
     return AdaptedTowers(adapted, psi, config["lora"].text_tower), adapted
 
 
+def image_codes(image_ids) -> np.ndarray:
+    """Stable int64 codes of image ids (equal ids -> equal codes), for multi-positive losses."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(),
+                                    "little", signed=True) for i in image_ids], dtype=np.int64)
+
+
+def decode_training_pairs(batch: dict, size: int, model_name: str,
+                          target_keys: np.ndarray | None) -> dict:
+    """Ray Data UDF: decode pairs, add `image_code`, and (anchored) `target`, the row of the
+    pair's cached old embeddings in `target_keys` (sorted); a pair without one is skipped."""
+    out = shards.decode_pairs(batch, size, model_name)
+    out["image_code"] = image_codes(batch["image_id"])
+    if target_keys is not None:
+        keys = np.asarray(batch["key"]).astype(str)
+        pos = np.searchsorted(target_keys, keys).clip(max=max(0, len(target_keys) - 1))
+        found = target_keys[pos] == keys
+        out["target"] = np.where(found, pos, -1).astype(np.int64)
+        out["skip_reason"] = np.where((out["skip_reason"] == "") & ~found, "no_old_target",
+                                      out["skip_reason"])
+    return out
+
+
+def anchor_targets(old_images: Embeddings, old_texts: Embeddings) -> dict:
+    """Cached old image and text embeddings of the training pairs, by pair key (sorted)."""
+    image_row = {k: i for i, k in enumerate(old_images.keys)}
+    rows = [(image_row[k], j) for j, k in enumerate(old_texts.keys) if k in image_row]
+    if not rows:
+        raise ValueError("old pair image and text embeddings share no keys")
+    ii, jj = (np.array(x) for x in zip(*rows))
+    keys = old_texts.keys[jj].astype(str)
+    order = np.argsort(keys)
+    return {"keys": keys[order], "image": old_images.emb[ii][order],
+            "text": old_texts.emb[jj][order]}
+
+
 def stage2_loop(config: dict) -> None:
     """Per-worker training loop."""
     import ray.train
@@ -103,23 +145,38 @@ def stage2_loop(config: dict) -> None:
         total_steps=steps_per_epoch * recipe.epochs, warmup_steps=max(1, steps_per_epoch // 4),
         start_step=steps_per_epoch * start_epoch)
     dtype = distributed.engine_dtype(engine)
+    anchors = recipe.anchor_weights()
+    targets = config["anchor_targets"]
+    if targets is not None and not isinstance(targets, dict):
+        targets = ray.get(targets)  # an ObjectRef: shared by the workers of one node
     text_pairs = config["text_pairs"]
     rng = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     preprocess = adapted.base_model.model.visual.preprocess_cfg if adapted is not None else None
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
-        totals = {"loss": 0.0, "contrastive": 0.0, "text_reg": 0.0}
+        totals: dict[str, float] = {}
         steps = 0
         for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
+            old_image = old_text = None
             if recipe.mode == "psi-only":
                 inputs = (batch["image_emb"], batch["text_emb"])
+                if anchors:
+                    old_image, old_text = batch["old_image_emb"], batch["old_text_emb"]
             else:
                 images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
                 inputs = (images, batch["tokens"])
+                if anchors:
+                    rows = batch["target"].numpy()
+                    old_image = torch.from_numpy(targets["image"][rows])
+                    old_text = torch.from_numpy(targets["text"][rows])
             u, v = engine(*(x.to(engine.device, dtype) if x.is_floating_point()
                             else x.to(engine.device) for x in inputs))
-            loss = contrastive = contrastive_loss(u.float(), v.float(), recipe.temperature)
+            loss, parts = stage2_loss(
+                u.float(), v.float(), batch["image_code"].to(engine.device), recipe.temperature,
+                recipe.pair_weight, anchors,
+                *(None if t is None else t.to(engine.device, torch.float32)
+                  for t in (old_image, old_text)))
             text_reg = torch.zeros(())
             if recipe.text_weight > 0:
                 idx = torch.randint(len(text_pairs["a"]), (micro,), generator=rng)
@@ -130,11 +187,11 @@ def stage2_loop(config: dict) -> None:
                                           config["stage1"].temperature,
                                           config["stage1"].cosine_weight)
                 loss = loss + recipe.text_weight * text_reg
+            distributed.check_finite(loss, epoch, steps)
             engine.backward(loss)
             engine.step()
-            totals["loss"] += loss.item()
-            totals["contrastive"] += contrastive.item()
-            totals["text_reg"] += text_reg.item()
+            for name, value in {"loss": loss, "text_reg": text_reg, **parts}.items():
+                totals[name] = totals.get(name, 0.0) + value.item()
             steps += 1
         metrics = {k: v / max(1, steps) for k, v in totals.items()} | {"epoch": epoch,
                                                                         "steps": steps}
@@ -149,20 +206,30 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
                  stage1: Stage1Config, trainer: TrainerConfig, run_name: str, storage_path: Path,
                  out_dir: Path, seed: int, pair_files: list[str] | None = None,
                  pair_embeddings: tuple[Embeddings, Embeddings] | None = None,
-                 text_pairs: tuple[Embeddings, Embeddings] | None = None) -> dict:
+                 text_pairs: tuple[Embeddings, Embeddings] | None = None,
+                 anchor_embeddings: tuple[Embeddings, Embeddings] | None = None) -> dict:
     """Run stage 2 and export the upgraded query encoder. Returns the summary.
 
     `pair_files`: image-text shards (mode lora). `pair_embeddings`: cached NEW image and text
     embeddings of the pairs (mode psi-only). `text_pairs`: cached (new text, old text) from
-    stage 1, for the optional regulariser. There is deliberately no old-model argument.
+    stage 1, for the optional regulariser. `anchor_embeddings`: the CACHED old image and text
+    embeddings of the pairs, keyed like the pairs (objective anchored only). There is
+    deliberately no old-model argument: no old forward pass can happen here.
     """
+    import ray
     import ray.data
 
     psi = load_projector(stage1_dir)
     shape = psi.config()
+    anchored = bool(recipe.anchor_weights())
+    if anchored and anchor_embeddings is None:
+        raise ValueError("the anchored objective needs anchor_embeddings (cached old image and "
+                         "text embeddings of the training pairs)")
+    targets = anchor_targets(*anchor_embeddings) if anchored else None
     loop_config = {"trainer": trainer, "recipe": recipe, "stage1": stage1, "lora": lora_cfg,
                    "seed": seed, "new_model": new, "projector_shape": shape,
-                   "projector_weights": psi.state_dict(), "text_pairs": None}
+                   "projector_weights": psi.state_dict(), "text_pairs": None,
+                   "anchor_targets": None}
     if recipe.text_weight > 0:
         _, a, b = align(*text_pairs)
         keep = np.random.default_rng(seed).permutation(len(a))[:200_000]
@@ -177,19 +244,34 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
         by_key = {k: i for i, k in enumerate(images.keys)}
         rows = [(by_key[k], j) for j, k in enumerate(texts.image_ids) if k in by_key]
         ii, jj = (np.array(x) for x in zip(*rows))
-        table = pa.table({"image_emb": ArrowTensorArray.from_numpy(images.emb[ii]),
-                          "text_emb": ArrowTensorArray.from_numpy(texts.emb[jj])})
+        _, codes = np.unique(texts.image_ids[jj].astype(str), return_inverse=True)
+        columns = {"image_emb": images.emb[ii], "text_emb": texts.emb[jj],
+                   "image_code": codes.astype(np.int64)}
+        used = np.ones(len(jj), dtype=bool)
+        if anchored:  # the old targets of each text row's key (the pair key)
+            pos = np.searchsorted(targets["keys"], texts.keys[jj].astype(str)).clip(
+                max=len(targets["keys"]) - 1)
+            used = targets["keys"][pos] == texts.keys[jj].astype(str)
+            columns |= {"old_image_emb": targets["image"][pos], "old_text_emb": targets["text"][pos]}
+        table = pa.table({k: ArrowTensorArray.from_numpy(v[used]) if v.ndim > 1 else v[used]
+                          for k, v in columns.items()})
         dataset = ray.data.from_arrow(table).random_shuffle()
-        counts = {"rows_in": len(rows), "rows_used": len(rows), "skipped": {}}
-        loop_config["rows"] = len(rows)
+        skipped = {"no_old_target": int((~used).sum())} if anchored else {}
+        counts = {"rows_in": len(rows), "rows_used": int(used.sum()), "skipped": skipped}
+        loop_config["rows"] = int(used.sum())
     else:
         skip_log = Path(storage_path).absolute() / run_name / "skipped"
         dataset, rows_in = shards.training_stream(
-            pair_files, shards.decode_pairs,
-            {"size": clip.image_size(new.name), "model_name": new.name},
-            ["pixels", "tokens"], skip_log)
+            pair_files, decode_training_pairs,
+            {"size": clip.image_size(new.name), "model_name": new.name,
+             "target_keys": targets["keys"] if anchored else None},
+            ["pixels", "tokens", "image_code"] + (["target"] if anchored else []), skip_log)
         loop_config["rows"] = rows_in
-    log.info("stage 2 (%s): %d pairs, psi %s, LoRA %s", recipe.mode, loop_config["rows"],
+        if anchored:
+            loop_config["anchor_targets"] = ray.put({"image": targets["image"],
+                                                     "text": targets["text"]})
+    log.info("stage 2 (%s, %s%s): %d pairs, psi %s, LoRA %s", recipe.objective, recipe.mode,
+             f", anchors {recipe.anchor_weights()}" if anchored else "", loop_config["rows"],
              "trained" if recipe.psi_lr > 0 else "frozen",
              "off" if recipe.mode == "psi-only" else lora.target_regex(lora_cfg))
     result = distributed.fit(stage2_loop, loop_config, trainer, run_name=run_name,
@@ -219,12 +301,14 @@ def _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir: Path) ->
         if result.unexpected_keys or set(adapters) - set(lora.adapter_names(adapted)):
             raise RuntimeError("stage-2 adapters do not match the LoRA layout")
         new_model = lora.merged(adapted)
-    summary = {"mode": recipe.mode, "new_model": asdict(new), "lora": asdict(lora_cfg),
+    summary = {"objective": recipe.objective, "mode": recipe.mode, "new_model": asdict(new),
+               "lora": asdict(lora_cfg), "old_forward_passes": 0,
                "stage2": asdict(recipe), "data": counts, "trained_tensors": sorted(weights),
                **{k: info.get(k) for k in ("models_built", "base_checksum_start",
                                            "base_checksum_end")}}
     export_query_encoder(new_model, new.name, psi.eval(), out_dir / QUERY_ENCODER,
-                         info={"mode": recipe.mode, "lora": asdict(lora_cfg)})
+                         info={"objective": recipe.objective, "mode": recipe.mode,
+                               "lora": asdict(lora_cfg)})
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     log.info("stage 2 done: %d trained tensors, query encoder %s", len(weights),
              out_dir / QUERY_ENCODER)

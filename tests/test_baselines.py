@@ -1,0 +1,158 @@
+"""Closed-form baselines (hand-checked cases) and partial backfill curves."""
+import numpy as np
+import pytest
+
+from xbt_ray.data.cache import Embeddings
+from xbt_ray.eval.backfill import auc, backfill_curve, backfill_report, upgrade_order
+from xbt_ray.eval.baselines import (
+    Support,
+    fit_baselines,
+    procrustes_map,
+    ridge_map,
+    slerp,
+)
+
+
+def _rotation(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q.astype(np.float32)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_procrustes_recovers_a_rotation():
+    new = _unit(np.random.default_rng(0).standard_normal((200, 6)).astype(np.float32))
+    r = _rotation(6, 1)
+    np.testing.assert_allclose(procrustes_map(new, new @ r), r, atol=1e-5)
+
+
+def test_procrustes_rectangular_has_orthonormal_columns():
+    rng = np.random.default_rng(2)
+    new = rng.standard_normal((300, 8)).astype(np.float32)
+    w = procrustes_map(new, rng.standard_normal((300, 5)).astype(np.float32))
+    assert w.shape == (8, 5)
+    np.testing.assert_allclose(w.T @ w, np.eye(5), atol=1e-5)
+
+
+def test_ridge_small_lambda_is_least_squares_and_large_shrinks():
+    rng = np.random.default_rng(3)
+    x = _unit(rng.standard_normal((100, 4)))
+    y = _unit(rng.standard_normal((100, 3)))
+    exact, *_ = np.linalg.lstsq(x, y, rcond=None)
+    np.testing.assert_allclose(ridge_map(x, y, 1e-12), exact, atol=1e-5)
+    # (X^T X + lam n I)^-1 X^T y -> X^T y / (lam n) for huge lam
+    lam = 1e6
+    np.testing.assert_allclose(ridge_map(x, y, lam), x.T @ y / (lam * 100), rtol=1e-3)
+
+
+def test_slerp_endpoints_midpoint_and_parallel_rows():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    b = np.array([[0.0, 1.0], [0.0, 2.0]], dtype=np.float32)  # second row parallel to a's
+    np.testing.assert_allclose(slerp(a, b, 0.0), a, atol=1e-6)
+    np.testing.assert_allclose(slerp(a, b, 1.0), [[0, 1], [0, 1]], atol=1e-6)
+    half = slerp(a, b, 0.5)
+    np.testing.assert_allclose(half[0], [np.sqrt(0.5), np.sqrt(0.5)], atol=1e-6)
+    np.testing.assert_allclose(half[1], [0, 1], atol=1e-6)
+    # a quarter of the way along a 90-degree arc is at 22.5 degrees
+    np.testing.assert_allclose(slerp(a[:1], b[:1], 0.25)[0],
+                               [np.cos(np.pi / 8), np.sin(np.pi / 8)], atol=1e-6)
+
+
+def _emb(keys, image_ids, emb):
+    return Embeddings(np.array(keys, dtype=object), np.array(image_ids, dtype=object),
+                      np.asarray(emb, dtype=np.float32), {})
+
+
+def _world(n_images=200, d_old=6, d_new=8, seed=0):
+    """Old = a fixed semi-orthogonal map of new (plus a little noise); captions near images."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d_new, d_new)))
+    w = q[:, :d_old].astype(np.float32)
+    img_new = _unit(rng.standard_normal((n_images, d_new)).astype(np.float32))
+    cap_new = _unit(img_new + 0.3 * rng.standard_normal(img_new.shape).astype(np.float32))
+    noise = lambda x: _unit(x @ w + 0.05 * rng.standard_normal((len(x), d_old)))  # noqa: E731
+    keys = [f"img{i}" for i in range(n_images)]
+    caps = [f"img{i}-0" for i in range(n_images)]
+    return (keys, caps, img_new, cap_new, noise(img_new).astype(np.float32),
+            noise(cap_new).astype(np.float32), w)
+
+
+def test_fit_baselines_rows_flags_and_quality():
+    keys, caps, img_new, cap_new, img_old, cap_old, w = _world()
+    support = Support(_emb(caps, keys, cap_old), _emb(caps, keys, cap_new),
+                      _emb(keys, keys, img_old), _emb(keys, keys, img_new))
+    split_new_img, split_new_cap = img_new[:20], cap_new[:20]
+    out = fit_baselines(support, img_old[:20], split_new_img, cap_old[:20], split_new_cap,
+                        holdout=0.2, seed=0)
+    assert set(out) == {"procrustes-text->old", "procrustes-image->old", "procrustes-both->old",
+                        "ridge->old", "slerp->old", "slerp-mid->old"}
+    for name, b in out.items():
+        assert b.needs_old_encoder == name.startswith("slerp")
+        assert b.image.shape == (20, 6) and b.caption.shape == (20, 6)
+        np.testing.assert_allclose(np.linalg.norm(b.image, axis=1), 1, atol=1e-5)
+    # old is a near-exact linear image of new: Procrustes reproduces the old embeddings
+    cos = np.sum(out["procrustes-both->old"].image * img_old[:20], axis=1)
+    assert cos.mean() > 0.95 and cos.min() > 0.85
+    assert out["slerp-mid->old"].fit["alpha"] == 0.5
+    assert out["slerp->old"].fit["alpha"] in [round(a, 2) for a in np.linspace(0, 1, 11)]
+    held = out["slerp->old"].fit["heldout_images"]
+    assert 20 <= held <= 60  # ~20% of 200
+    assert out["procrustes-both->old"].fit["n_support"] == 2 * (200 - held)
+
+
+def test_fit_baselines_text_only_support_gives_procrustes_text():
+    keys, caps, img_new, cap_new, img_old, cap_old, _ = _world()
+    support = Support(_emb(caps, keys, cap_old), _emb(caps, keys, cap_new))
+    out = fit_baselines(support, img_old, img_new, cap_old, cap_new, holdout=0.1, seed=0)
+    assert list(out) == ["procrustes-text->old"]
+
+
+def test_fit_baselines_needs_a_linked_holdout():
+    keys, caps, img_new, cap_new, img_old, cap_old, _ = _world()
+    unlinked = [f"other{i}" for i in range(len(keys))]
+    support = Support(_emb(caps, unlinked, cap_old), _emb(caps, unlinked, cap_new),
+                      _emb(keys, keys, img_old), _emb(keys, keys, img_new))
+    with pytest.raises(Exception, match="held-out images linked to captions"):
+        fit_baselines(support, img_old, img_new, cap_old, cap_new, holdout=0.1, seed=0)
+
+
+# --- partial backfill -------------------------------------------------------------------------
+
+def test_upgrade_orders():
+    old = np.eye(3, dtype=np.float32)
+    up = np.array([[1, 0, 0], [1, 1, 0], [0, -1, 1]], dtype=np.float32)
+    # cos(old, up): item0 1.0, item1 0.707, item2 0.707; stable order on ties
+    assert upgrade_order(old, up, "distance", 0).tolist() == [1, 2, 0]
+    assert sorted(upgrade_order(old, up, "random", 0).tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown backfill order"):
+        upgrade_order(old, up, "size", 0)
+
+
+def test_backfill_curve_hand_computed():
+    # 2 queries (ids a, b); old gallery has item a pointing away from query a, so query a
+    # misses at fraction 0; upgrading item a (the most changed) makes it a hit.
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    old_g = np.array([[-1.0, 0.2], [0.0, 1.0], [0.9, 0.1]], dtype=np.float32)
+    up_g = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]], dtype=np.float32)
+    q_ids, g_ids = np.array(["a", "b"]), np.array(["a", "b", "c"])
+    curve = backfill_curve(queries, old_g, up_g, q_ids, g_ids, [0.0, 1 / 3, 1.0], "distance")
+    # 0: query a ranks c above a -> miss; b hit -> 50. 1/3: item a upgraded first -> 100.
+    assert curve == [50.0, 100.0, 100.0]
+    assert auc([0.0, 1 / 3, 1.0], curve) == pytest.approx((50 + 100) / 2 / 3 + 100 * 2 / 3)
+
+
+def test_backfill_report_structure_and_endpoints():
+    keys, caps, img_new, cap_new, img_old, cap_old, w = _world(n_images=30)
+    img_q, cap_q = _unit(img_new @ w), _unit(cap_new @ w)
+    ids, cap_ids = np.array(keys), np.array(keys)
+    out = backfill_report(img_q, cap_q, img_old, cap_old, img_q, cap_q, ids, cap_ids, points=4)
+    assert out["fractions"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    for d in ("i2t", "t2i"):
+        for order in ("random", "distance"):
+            curve = out["r1"][d][order]
+            assert len(curve) == 4 and 0 <= out["auc"][d][order] <= 100
+        # both orders start at the all-old gallery and end at the all-upgraded one
+        assert out["r1"][d]["random"][0] == out["r1"][d]["distance"][0]
+        assert out["r1"][d]["random"][-1] == out["r1"][d]["distance"][-1]

@@ -1,0 +1,151 @@
+"""Closed-form baselines: maps new -> old fitted on a support set, and SLERP query mixing.
+
+A support set holds old AND new embeddings of the same items (captions, images, or both), e.g.
+the caption corpus and the training images. A share of the support images (with their captions)
+is held out as a small retrieval split on which SLERP's alpha and ridge's lambda are chosen
+(mean R@1 of both directions against the old support gallery). Nothing here sees the eval split.
+
+- `procrustes-{text,image,both}->old`: orthogonal Procrustes W, query = norm(new @ W).
+- `ridge->old`: least squares with an L2 penalty on both modalities (weak cross-modally).
+- `slerp->old`, `slerp-mid->old`: slerp(old query, Procrustes-both(new query), alpha); alpha
+  chosen on the held-out split, or fixed 0.5. These need the OLD encoder at query time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xbt_ray.config import ConfigError
+from xbt_ray.data.cache import Embeddings
+from xbt_ray.eval.retrieval import evaluate_directions
+from xbt_ray.models.projector import procrustes
+
+ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean squared norm of the inputs
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def procrustes_map(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """W (d_new x d_old) with orthonormal rows or columns maximising tr(W^T new^T old)."""
+    return procrustes(torch.from_numpy(_unit(new)), torch.from_numpy(_unit(old))).numpy().T
+
+
+def ridge_map(new: np.ndarray, old: np.ndarray, lam: float) -> np.ndarray:
+    """argmin_W ||new W - old||^2 + lam * n * ||W||^2 (unit rows), in closed form."""
+    x, y = _unit(new).astype(np.float64), _unit(old).astype(np.float64)
+    gram = x.T @ x + lam * len(x) * np.eye(x.shape[1])
+    return np.linalg.solve(gram, x.T @ y).astype(np.float32)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """Spherical interpolation between unit rows a (alpha=0) and b (alpha=1)."""
+    a, b = _unit(a), _unit(b)
+    cos = np.clip(np.sum(a * b, axis=-1, keepdims=True), -1.0, 1.0)
+    omega = np.arccos(cos)
+    sin = np.sin(omega)
+    small = sin < 1e-6  # (nearly) parallel rows: linear interpolation is exact enough
+    safe = np.where(small, 1.0, sin)
+    wa = np.where(small, 1 - alpha, np.sin((1 - alpha) * omega) / safe)
+    wb = np.where(small, alpha, np.sin(alpha * omega) / safe)
+    return _unit(wa * a + wb * b)
+
+
+@dataclass
+class Support:
+    """Old and new embeddings of support captions and (optionally) support images.
+
+    Captions whose image_id names a support image link the two into image-text pairs.
+    """
+
+    old_captions: Embeddings
+    new_captions: Embeddings
+    old_images: Embeddings | None = None
+    new_images: Embeddings | None = None
+
+
+@dataclass
+class BaselineQueries:
+    image: np.ndarray
+    caption: np.ndarray
+    needs_old_encoder: bool
+    fit: dict = field(default_factory=dict)
+
+
+def _aligned(old: Embeddings, new: Embeddings, what: str):
+    """(keys, image_ids, old emb, new emb) over the keys both sets share."""
+    index = {k: i for i, k in enumerate(new.keys)}
+    rows = [(i, index[k]) for i, k in enumerate(old.keys) if k in index]
+    if not rows:
+        raise ConfigError(f"old and new support {what} share no keys")
+    io, jn = (np.array(x) for x in zip(*rows))
+    return old.keys[io], old.image_ids[io], old.emb[io], new.emb[jn]
+
+
+def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_images: np.ndarray,
+                  split_old_captions: np.ndarray, split_new_captions: np.ndarray,
+                  holdout: float, seed: int) -> dict[str, BaselineQueries]:
+    """Fit every baseline on `support` and return its queries for the eval split.
+
+    The split's old embeddings are used only by the SLERP rows (which need the old encoder at
+    query time); every other row maps the split's new embeddings alone.
+    """
+    _, cap_image_ids, cap_old, cap_new = _aligned(support.old_captions, support.new_captions,
+                                                  "captions")
+    maps = {"text": (cap_new, cap_old)}
+    out = {}
+    if support.old_images is not None and support.new_images is not None:
+        img_keys, _, img_old, img_new = _aligned(support.old_images, support.new_images, "images")
+        linked = np.isin(img_keys, cap_image_ids)
+        rng = np.random.default_rng(seed)
+        held_images = linked & (rng.random(len(img_keys)) < holdout)
+        held_caps = np.isin(cap_image_ids, img_keys[held_images])
+        if held_images.sum() < 10:
+            raise ConfigError(f"support images have only {int(held_images.sum())} held-out images "
+                              f"linked to captions; need >= 10 (eval.support_holdout, or captions "
+                              f"whose image_id names a support image)")
+        fit_img, fit_cap = ~held_images, ~held_caps
+        maps = {"text": (cap_new[fit_cap], cap_old[fit_cap]),
+                "image": (img_new[fit_img], img_old[fit_img]),
+                "both": (np.concatenate([cap_new[fit_cap], img_new[fit_img]]),
+                         np.concatenate([cap_old[fit_cap], img_old[fit_img]]))}
+        held = (img_keys[held_images], img_old[held_images], img_new[held_images],
+                cap_image_ids[held_caps], cap_old[held_caps], cap_new[held_caps])
+    for name, (new, old) in maps.items():
+        w = procrustes_map(new, old)
+        out[f"procrustes-{name}->old"] = BaselineQueries(
+            _unit(split_new_images @ w), _unit(split_new_captions @ w), False,
+            {"support": name, "n_support": len(new)})
+    if "both" not in maps:
+        return out
+
+    ids, h_old_img, h_new_img, h_cap_ids, h_old_cap, h_new_cap = held
+
+    def heldout_r1(img_q, cap_q) -> float:
+        cell = evaluate_directions(img_q, cap_q, h_old_img, h_old_cap, ids, h_cap_ids, ks=(1,))
+        return (cell["i2t"]["R1"] + cell["t2i"]["R1"]) / 2
+
+    new, old = maps["both"]
+    scores = {lam: heldout_r1(h_new_img @ ridge_map(new, old, lam),
+                              h_new_cap @ ridge_map(new, old, lam)) for lam in LAMBDAS}
+    lam = max(scores, key=scores.get)
+    w = ridge_map(new, old, lam)
+    out["ridge->old"] = BaselineQueries(_unit(split_new_images @ w), _unit(split_new_captions @ w),
+                                        False, {"support": "both", "n_support": len(new),
+                                                "lambda": lam, "heldout_r1": scores[lam]})
+    w = procrustes_map(new, old)
+    scores = {a: heldout_r1(slerp(h_old_img, h_new_img @ w, a), slerp(h_old_cap, h_new_cap @ w, a))
+              for a in ALPHAS}
+    alpha = max(scores, key=scores.get)
+    for name, a in (("slerp->old", alpha), ("slerp-mid->old", 0.5)):
+        out[name] = BaselineQueries(
+            slerp(split_old_images, split_new_images @ w, a),
+            slerp(split_old_captions, split_new_captions @ w, a), True,
+            {"support": "both", "n_support": len(new), "alpha": a,
+             "heldout_images": int(len(ids)), "heldout_r1": scores.get(a)})
+    return out
