@@ -21,3 +21,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs .cache/xbt mlflow.db mlartifacts
+
+# make bench: the benchmarks (benchmarks/README.md); PRESET=gpu on a GPU machine.
+PRESET ?= small
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench --preset $(PRESET) $(BENCH_ARGS)

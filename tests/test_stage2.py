@@ -137,7 +137,7 @@ def test_anchored_stage2_in_the_chain_trained_lora_and_psi_on_cached_targets(tin
     assert (config.run_dir / "stage2_anchored" / QUERY_ENCODER).is_file()
 
 
-def test_anchored_psi_only_on_cached_embeddings(tiny_run):
+def test_anchored_psi_only_on_cached_embeddings(ray_session, tiny_run):
     from xbt_ray.config import Stage2Config
     from xbt_ray.data.cache import read_embeddings
 
@@ -148,20 +148,23 @@ def test_anchored_psi_only_on_cached_embeddings(tiny_run):
                           psi_lr=1e-3, pair_weight=0.0)
     out = config.run_dir / "psi-only-anchored"
     new_texts = read(inputs["new_captions"][1])  # the pairs' captions (not the corpus)
+    new_images = read(inputs["new_images"])
+    pairs = int(np.isin(new_texts.image_ids, new_images.keys).sum())  # both halves embedded
     summary = train_stage2(
         config.new, config.run_dir / "stage1", recipe, config.lora, config.stage1,
         config.trainer, run_name="psi-only-anchored", storage_path=config.run_dir / "ray-train",
         out_dir=out, seed=0,
-        pair_embeddings=(read(inputs["new_images"]), new_texts),
+        pair_embeddings=(new_images, new_texts),
         anchor_embeddings=(read(inputs["old_images"]), read(inputs["old_captions"][1])))
-    assert summary["data"] == {"rows_in": len(new_texts), "rows_used": len(new_texts),
+    assert summary["data"] == {"rows_in": pairs, "rows_used": pairs,
                                "skipped": {"no_old_target": 0}}
     assert summary["trained_tensors"] and all(n.startswith("psi.") for n in
                                               summary["trained_tensors"])
     before, after = load_projector(config.run_dir / "stage1"), load_projector(out)
     assert not torch.equal(before.linear.weight, after.linear.weight)
-    assert load_query_encoder(out / QUERY_ENCODER).encode_text(
-        torch.zeros(1, 77, dtype=torch.long)).shape[1] == clip.embed_dim(config.old.name)
+    tokens = torch.from_numpy(shards.tokenize(["a red box"], config.new.name))
+    assert load_query_encoder(out / QUERY_ENCODER).encode_text(tokens).shape[1] == \
+        clip.embed_dim(config.old.name)
 
 
 def test_training_pairs_get_image_codes_and_old_target_rows():

@@ -5,7 +5,12 @@ import argparse
 import logging
 import sys
 
+from pathlib import Path
+
 from xbt_ray.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
         p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
+        p.add_argument("--smoke", action="store_true",
+                       help=f"a minutes-long check of the whole path on the tiny world and "
+                            f"models ({SMOKE_CONFIG.relative_to(ROOT)}) instead of --config")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("report", help="the evaluation suite from embeddings alone: report "
                                       "table, CSV, heatmap and backfill curves, logged to MLflow")
@@ -46,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache root the embeddings are written under")
     p.add_argument("--config", help="YAML config (embed.* settings, ray_address)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("sweep", help="Ray Tune sweep (ASHA) of stage 1 + psi-only stage 2 on "
+                                     "the embedding cache; leaderboard and best config")
+    p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
+    p.add_argument("--space", required=True, help="search space YAML, e.g. tune/space.yaml")
+    p.add_argument("--num-samples", type=int, help="samples of the space (default: "
+                                                    "sweep.num_samples)")
+    p.add_argument("--run-name", help="name of the sweep (output dir, MLflow parent run)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p = sub.add_parser("compare", help="the compatibility tables of MLflow runs side by side")
+    p.add_argument("runs", nargs="+", help="MLflow run names or ids")
+    p.add_argument("--experiment", help="experiment to look run names up in (default: all)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's "
+                                          "tracking.tracking_uri, else sqlite mlflow.db here)")
+    p.add_argument("--config", help="YAML config (its tracking.* section)")
+    p.set_defaults(overrides=[])
     return parser
 
 
@@ -98,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        run_name = getattr(args, "run_name", None)
-        overrides = list(args.overrides) + ([f"run_name={run_name}"] if run_name else [])
         if args.command == "eval-data":
             eval_data(args)
             return 0
-        config = load_config(args.config, overrides)
+        run_name = getattr(args, "run_name", None)
+        config_path = args.config
+        if getattr(args, "smoke", False):
+            if args.config:
+                raise ConfigError("--smoke replaces --config: pass one of them")
+            config_path, run_name = SMOKE_CONFIG, run_name or "smoke"
+        overrides = list(args.overrides) + ([f"run_name={run_name}"] if run_name else [])
+        config = load_config(config_path, overrides)
         if args.command in ("run", "embed", "stage1", "stage2"):
             from xbt_ray.pipeline import run_pipeline
 
@@ -112,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             encode(args, config)
         elif args.command == "report":
             report(args, config)
+        elif args.command == "sweep":
+            from xbt_ray.sweep import run_sweep
+
+            run_sweep(config, args.space, args.num_samples)
+        elif args.command == "compare":
+            from xbt_ray import tracking
+            from xbt_ray.sweep import compare_runs, format_comparison
+
+            print(format_comparison(compare_runs(
+                args.runs, args.tracking_uri or tracking.tracking_uri(config), args.experiment)))
         elif args.command == "world":
             from xbt_ray.pipeline import build_demo_world
 

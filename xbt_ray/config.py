@@ -69,6 +69,7 @@ class EmbedConfig:
     batch_size: int = 256
     num_actors: int = 1
     actor_num_cpus: float = 1.0
+    num_gpus: float = -1.0      # per encoder actor; -1: one if the cluster has GPUs, else none
     dtype: str = "float16"
 
 
@@ -169,6 +170,22 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`xbt sweep`: Ray Tune over a search space file (tune/space.yaml); see tune/README.md."""
+
+    num_samples: int = 8            # samples drawn from the space (a grid is repeated this often)
+    stage2: bool = True             # per trial, also a psi-only stage 2 on cached pair embeddings
+    stage2_psi_lr: float = 1e-3     # psi's lr in that stage 2 where stage2.psi_lr is 0
+    val_fraction: float = 0.2       # share of the training-pair images held out for validation
+    grace_period: int = 1           # ASHA: reports a trial makes before it can be stopped
+    reduction_factor: int = 2       # ASHA: keep the top 1/reduction_factor at each rung
+    data_cpus: float = 1.0          # CPUs kept free for Ray Data when sizing concurrency
+    trial_cpus: float = 0.0         # CPUs of each trial's driver (it only waits on its trainer)
+    trial_memory_mib: int = 256     # memory reserved for each trial's driver
+    max_concurrent: int = 0         # upper bound on concurrent trials; 0 = from the cluster only
+
+
+@dataclass
 class Config:
     run_name: str = "demo"
     output_dir: str = "runs"
@@ -193,6 +210,7 @@ class Config:
         objective="anchored", psi_lr=1e-3))
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -5,6 +5,7 @@ Default store: SQLite `mlflow.db` in the working directory, artifacts beside it 
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +15,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
 def tracking_uri(config: Config) -> str:
-    return config.tracking.tracking_uri or f"sqlite:///{Path('mlflow.db').absolute()}"
+    """`tracking.tracking_uri`, else MLFLOW_TRACKING_URI, else SQLite `mlflow.db` here."""
+    return (config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path('mlflow.db').absolute()}")
 
 
 def metric_name(*parts: str) -> str:
@@ -30,8 +33,12 @@ def start_run(config: Config):
     mlflow.set_tracking_uri(tracking_uri(config))
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
-        artifacts = Path("mlartifacts").absolute() / config.tracking.experiment
-        mlflow.create_experiment(config.tracking.experiment, artifact_location=artifacts.as_uri())
+        if mlflow.get_tracking_uri().startswith("sqlite:"):  # local store: artifacts beside it
+            artifacts = Path("mlartifacts").absolute() / config.tracking.experiment
+            mlflow.create_experiment(config.tracking.experiment,
+                                     artifact_location=artifacts.as_uri())
+        else:  # a tracking server decides where artifacts go (its artifact store)
+            mlflow.create_experiment(config.tracking.experiment)
     mlflow.set_experiment(config.tracking.experiment)
     run = mlflow.start_run(run_name=config.run_name)
     params = {k: str(v)[:500] for k, v in flatten(config_to_dict(config)).items()}

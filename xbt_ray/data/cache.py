@@ -66,7 +66,10 @@ def write_part(directory: Path, index: int, keys, image_ids, emb: np.ndarray, me
 
 def write_embeddings(directory: Path, keys, image_ids, emb: np.ndarray, meta: dict,
                      rows_per_file: int = 100_000, dtype: str = "float16") -> None:
-    """Write a whole embedding set (e.g. exported from a vector store) as a complete cache dir."""
+    """Write a whole embedding set (e.g. exported from a vector store) as a complete cache dir,
+    replacing whatever parts the directory held before."""
+    for stale in Path(directory).glob("part-*.parquet"):
+        stale.unlink()
     check_keys(keys, f"embeddings for {directory}")
     for i, start in enumerate(range(0, len(keys), rows_per_file)):
         end = start + rows_per_file

@@ -57,6 +57,19 @@ class EmbedResult:
     reused: bool
 
 
+def encoder_gpus(cfg: EmbedConfig) -> float:
+    """GPUs per encoder actor: `embed.num_gpus`, or (-1, auto) one when the CLUSTER has GPUs.
+
+    Decided from the cluster's resources, not the driver's: a job driver on a GPU-less head node
+    must still put its encoders on the GPU workers.
+    """
+    import ray
+
+    if cfg.num_gpus >= 0:
+        return cfg.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root: str | Path,
                  cfg: EmbedConfig, rows_per_file: int = 50_000) -> EmbedResult:
     """Embed one modality of a set of shards with one model into the cache (or reuse it)."""
@@ -88,7 +101,7 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size,
         num_cpus=cfg.actor_num_cpus,
-        num_gpus=1 if torch.cuda.is_available() else 0,
+        num_gpus=encoder_gpus(cfg),
     )
 
     name, dim = encoder_identity(model)

@@ -32,7 +32,7 @@ def clip_loop(config: dict) -> None:
     rank, world = distributed.worker_setup(trainer, config["seed"])
     clip.register_demo_configs()
     model = open_clip.create_model(config["model_name"])
-    start_epoch = distributed.restore(model)
+    start_epoch, done_steps = distributed.restore(model)
 
     micro = recipe.batch_size // world
     steps_per_epoch = config["rows"] // recipe.batch_size
@@ -63,7 +63,8 @@ def clip_loop(config: dict) -> None:
         if rank == 0:
             log.info("%s epoch %d: loss %.4f over %d steps", config["model_name"], epoch,
                      metrics["loss"], steps)
-        distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch}, rank)
+        distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch,
+                                 "optimizer_steps": done_steps + engine.global_steps}, rank)
 
 
 def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str],

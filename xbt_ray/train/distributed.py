@@ -13,6 +13,7 @@ clips at 1.0, which slowed the from-scratch demo CLIPs badly (old model, 6 epoch
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,6 +26,8 @@ from xbt_ray.config import TrainerConfig
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(trainer: TrainerConfig, micro_batch: int) -> dict:
@@ -127,14 +130,18 @@ def report_epoch(metrics: dict, state: dict[str, torch.Tensor], info: dict, rank
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore(module: torch.nn.Module) -> int:
+def restore(module: torch.nn.Module) -> tuple[int, int]:
     """Load the run's latest checkpoint (the trained tensors) into `module`, when Ray Train
-    restored one (re-run under the same name, or a worker restart); returns the epoch to start."""
+    restored one (re-run under the same name, or a worker restart).
+
+    Returns (epoch to start, optimizer steps already taken), (0, 0) without a checkpoint. Loops
+    record `optimizer_steps` = those + `engine.global_steps` in each checkpoint's info.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, 0
     with checkpoint.as_directory() as d:
         weights = load_file(os.path.join(d, WEIGHTS))
         info = json.loads(Path(d, STATE).read_text())
@@ -145,7 +152,9 @@ def restore(module: torch.nn.Module) -> int:
     with torch.no_grad():
         for name, value in weights.items():  # reshape: 0-dim params are lifted to (1,)
             params[name].copy_(value.reshape(params[name].shape))
-    return info["epoch"] + 1
+    log.info("resumed from the checkpoint of epoch %d (%d optimizer steps)", info["epoch"],
+             info.get("optimizer_steps", 0))
+    return info["epoch"] + 1, info.get("optimizer_steps", 0)
 
 
 def load_result_checkpoint(result) -> tuple[dict[str, torch.Tensor], dict]:
@@ -157,7 +166,7 @@ def load_result_checkpoint(result) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def fit(loop, loop_config: dict, trainer: TrainerConfig, run_name: str, storage_path: Path,
-        datasets: dict | None = None):
+        datasets: dict | None = None, callbacks=None):
     """Run `loop` on `trainer.num_workers` Ray Train workers; re-running the same name resumes."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -172,7 +181,8 @@ def fit(loop, loop_config: dict, trainer: TrainerConfig, run_name: str, storage_
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).absolute()),
                              failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks),
         datasets=datasets or {},
     ).fit()
     if result.error:

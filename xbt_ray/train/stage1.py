@@ -37,7 +37,7 @@ def stage1_loop(config: dict) -> None:
     psi = Projector(**config["projector"])
     if config["init_linear"] is not None:
         psi.init_linear(torch.tensor(config["init_linear"]))
-    start_epoch = distributed.restore(psi)
+    start_epoch, done_steps = distributed.restore(psi)
 
     micro = recipe.batch_size // world
     steps_per_epoch = config["rows"] // recipe.batch_size
@@ -65,12 +65,13 @@ def stage1_loop(config: dict) -> None:
             steps += 1
         metrics = {k: v / max(1, steps) for k, v in totals.items()} | {"epoch": epoch,
                                                                         "steps": steps}
-        distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch}, rank)
+        distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch,
+                                 "optimizer_steps": done_steps + engine.global_steps}, rank)
 
 
 def train_stage1(new_text: Embeddings, old_text: Embeddings, projector: ProjectorConfig,
                  recipe: Stage1Config, trainer: TrainerConfig, run_name: str,
-                 storage_path: Path, out_dir: Path, seed: int) -> Path:
+                 storage_path: Path, out_dir: Path, seed: int, callbacks=None) -> Path:
     """Fit psi: new text space -> old text space; writes projector weights + config to out_dir."""
     import pyarrow as pa
     import ray.data
@@ -93,7 +94,7 @@ def train_stage1(new_text: Embeddings, old_text: Embeddings, projector: Projecto
         {"trainer": trainer, "recipe": recipe, "seed": seed, "projector": shape,
          "init_linear": init, "rows": len(keys)},
         trainer, run_name=run_name, storage_path=storage_path,
-        datasets={"train": ray.data.from_arrow(table).random_shuffle()})
+        datasets={"train": ray.data.from_arrow(table).random_shuffle()}, callbacks=callbacks)
     weights, _ = distributed.load_result_checkpoint(result)
     save_projector(weights, shape, out_dir)
     return out_dir

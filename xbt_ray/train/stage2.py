@@ -130,7 +130,7 @@ def stage2_loop(config: dict) -> None:
     rank, world = distributed.worker_setup(trainer, config["seed"])
     module, adapted = _build_module(config)
     checksum_start = lora.base_checksum(adapted) if adapted is not None else None
-    start_epoch = distributed.restore(module)
+    start_epoch, done_steps = distributed.restore(module)
 
     groups = [{"params": [p for n, p in module.named_parameters()
                           if p.requires_grad and not n.startswith("psi.")], "lr": recipe.lr},
@@ -195,7 +195,8 @@ def stage2_loop(config: dict) -> None:
             steps += 1
         metrics = {k: v / max(1, steps) for k, v in totals.items()} | {"epoch": epoch,
                                                                         "steps": steps}
-        info = {"epoch": epoch, "models_built": config["new_model"].name if adapted else None,
+        info = {"epoch": epoch, "optimizer_steps": done_steps + engine.global_steps,
+                "models_built": config["new_model"].name if adapted else None,
                 "base_checksum_start": checksum_start,
                 "base_checksum_end": lora.base_checksum(adapted) if adapted is not None else None}
         distributed.report_epoch(metrics, distributed.trained_state(engine, trained_names), info,

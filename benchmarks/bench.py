@@ -1,0 +1,811 @@
+"""xbt-ray benchmarks: every figure is a ratio against a baseline timed in the same run.
+
+    python -m benchmarks.bench --preset small      # make bench  (2-core CPU, < 15 minutes)
+    python -m benchmarks.bench --preset gpu        # same script on a GPU machine
+
+Writes benchmarks/results/latest.json and latest.md. The parts, each interleaved with its
+baseline and repeated (median quoted); see benchmarks/README.md for the method:
+  a. pipeline_efficiency       Ray Data embedding job (embed_shards) vs a bare encode loop
+  b. train_fraction_of_matmul  projector training (pairs/s) vs the torch.mm rate of its shapes
+  c. eval_fraction_of_matmul   query_ranks vs the bare chunked q @ g.T (subprocess: peak RSS)
+  d. encoder_runs_per_sweep    K stage-1 trials over one cache vs K x (embed + train)
+  e. xbt_over_backfill_1b      XBT's compute vs re-embedding a gallery, from a-d's throughputs
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from benchmarks.presets import PRESETS, Preset
+from xbt_ray.config import (EmbedConfig, LoraConfig, ModelConfig, ProjectorConfig, Stage1Config,
+                            TrainerConfig, WorldConfig)
+from xbt_ray.data import cache, shards
+from xbt_ray.models import clip
+from xbt_ray.models.projector import Projector
+from xbt_ray.train.losses import add_noise, stage1_loss, stage2_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / ".cache" / "xbt-bench"
+HEADLINE = ("pipeline_efficiency", "train_fraction_of_matmul", "eval_fraction_of_matmul",
+            "eval_peak_rss_gib", "encoder_runs_per_sweep", "xbt_over_backfill_1b")
+GOALS = {"pipeline_efficiency": (">=", 0.9), "train_fraction_of_matmul": (">=", 0.5),
+         "eval_peak_rss_gib": ("<=", 2.0), "encoder_runs_per_sweep": ("<=", 1.0),
+         "xbt_over_backfill_1b": ("<", 1.0)}
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of fn()."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def device_info(device: str, cores: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import open_clip
+    import ray
+
+    info = {"device": device, "cpu": cpu, "cores": cores, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "open_clip": open_clip.__version__, "ray": ray.__version__,
+            "python": platform.python_version(), "load_average_start": os.getloadavg()}
+    if device == "cuda":
+        info |= {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                 "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
+    return info
+
+
+def random_model(name: str, work: Path) -> ModelConfig:
+    """An open_clip config with seeded random weights, saved once to a local file (no download)."""
+    path = work / "models" / f"{name}-random-seed0.safetensors"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model, _ = clip.load_clip(ModelConfig(name=name))
+        clip.save_clip(model, path)
+    return ModelConfig(name=name, pretrained=str(path))
+
+
+def demo_world(preset: Preset, work: Path) -> Path:
+    """Parquet shards of the demo world (image-text pairs and a caption corpus), built once."""
+    from xbt_ray.data.world import build_world, world_fingerprint
+
+    cfg = WorldConfig(image_size=preset.world_image_size, n_train_images=preset.pipeline_images,
+                      n_text_captions=preset.sweep_captions, n_eval_images=10,
+                      rows_per_shard=preset.rows_per_shard, broken_fraction=0.0)
+    out = work / "world" / world_fingerprint(cfg)
+    if not (out / "manifest.json").is_file():
+        say(f"building the demo world ({preset.pipeline_images} images) in {out}")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_world(cfg, tmp)
+        tmp.rename(out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# a. the embedding pipeline vs a bare single-process encode loop
+
+def bare_encode(files: list[str], model: ModelConfig, batch_size: int, device: str) -> dict:
+    """Read parquet, decode + preprocess (the pipeline's own functions), encode; one process."""
+    start = time.perf_counter()
+    clip_model, _ = clip.load_clip(model, device)
+    loaded = time.perf_counter()
+    size, n = clip.image_size(model.name), 0
+    with torch.no_grad():
+        for f in files:
+            table = pq.read_table(f, columns=["key", "image_id", "jpg"])
+            for rb in table.to_batches(max_chunksize=batch_size):
+                batch = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
+                out = shards.decode_images(batch, size)
+                pixels = torch.from_numpy(out["pixels"]).to(device)
+                x = clip.pixels_to_input(pixels, clip_model.visual.preprocess_cfg)
+                n += len(clip_model.encode_image(x, normalize=True).float().cpu())
+    end = time.perf_counter()
+    return {"images": n, "seconds": end - start, "load_s": loaded - start}
+
+
+def pipeline_embed(files: list[str], model: ModelConfig, preset: Preset, work: Path) -> dict:
+    """xbt_ray.data.embed.embed_shards into a fresh cache (so it encodes); seconds include Ray
+    Data planning, actor start and model load, not ray.init."""
+    from xbt_ray.data.embed import embed_shards
+
+    cfg = EmbedConfig(batch_size=preset.embed_batch, num_actors=preset.embed_actors,
+                      actor_num_cpus=preset.actor_cpus)
+    root = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
+    try:
+        start = time.perf_counter()
+        result = embed_shards(files, "image", model, root, cfg)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert not result.reused
+    return {"images": result.counts["rows_embedded"], "seconds": seconds}
+
+
+def bench_pipeline(preset: Preset, world: Path, model: ModelConfig, device: str,
+                   use_ray: bool, work: Path) -> dict:
+    files = shards.list_shards(str(world / "image_text"))
+    out = {"model": model.name, "images": preset.pipeline_images, "batch_size": preset.embed_batch,
+           "shards": len(files), "rows_per_shard": preset.rows_per_shard,
+           "encoder_actors": preset.embed_actors, "actor_cpus": preset.actor_cpus,
+           "bare_threads": torch.get_num_threads(), "rounds": []}
+    bare_encode(files[:1], model, preset.embed_batch, device)  # warm caches and imports
+    if not use_ray:
+        runs = [bare_encode(files, model, preset.embed_batch, device) for _ in range(preset.repeats)]
+        out["bare_images_per_s"] = median(r["images"] / r["seconds"] for r in runs)
+        out["skipped"] = "pipeline needs Ray (use_ray off): bare loop only"
+        return out
+    import ray.data
+
+    # Ray Data sizes blocks in bytes (128 MiB by default). Scale the target so that a block holds
+    # as many decoded images as a default block of 224 px images does: tiny demo images would
+    # otherwise fit the whole dataset in one block and nothing could stream.
+    size = clip.image_size(model.name)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = preset.block_images * size * size * 3
+    out["target_max_block_mib"] = ctx.target_max_block_size / 2**20
+    threads, actor_threads = torch.get_num_threads(), max(1, int(preset.actor_cpus))
+    out["actor_threads"] = actor_threads
+    try:
+        for r in range(preset.repeats):
+            order = ("bare", "pipeline", "small", "bare_actor_threads")
+            got = {}
+            for name in order if r % 2 == 0 else order[::-1]:
+                if name == "bare":
+                    got[name] = bare_encode(files, model, preset.embed_batch, device)
+                elif name == "bare_actor_threads":  # diagnostic: the encoder actor's threads
+                    torch.set_num_threads(actor_threads)
+                    got[name] = bare_encode(files, model, preset.embed_batch, device)
+                    torch.set_num_threads(threads)
+                else:
+                    got[name] = pipeline_embed(files if name == "pipeline" else files[:1], model,
+                                               preset, work)
+            bare, pipe, small = got["bare"], got["pipeline"], got["small"]
+            bare_rate = bare["images"] / bare["seconds"]
+            bare_steady = bare["images"] / (bare["seconds"] - bare["load_s"])
+            pipe_rate = pipe["images"] / pipe["seconds"]
+            # marginal rate: the small run (one shard) pays the same fixed costs
+            pipe_steady = (pipe["images"] - small["images"]) / max(1e-9, pipe["seconds"]
+                                                                   - small["seconds"])
+            row = {"bare_s": bare["seconds"], "bare_load_s": bare["load_s"],
+                   "pipeline_s": pipe["seconds"], "small_pipeline_s": small["seconds"],
+                   "small_images": small["images"], "bare_images_per_s": bare_rate,
+                   "pipeline_images_per_s": pipe_rate, "bare_steady_images_per_s": bare_steady,
+                   "pipeline_steady_images_per_s": pipe_steady,
+                   "efficiency_end_to_end": pipe_rate / bare_rate,
+                   "efficiency_steady": pipe_steady / bare_steady,
+                   "bare_actor_threads_steady_images_per_s": got["bare_actor_threads"]["images"]
+                   / (got["bare_actor_threads"]["seconds"] - got["bare_actor_threads"]["load_s"])}
+            row["efficiency_steady_vs_actor_threads"] = (
+                pipe_steady / row["bare_actor_threads_steady_images_per_s"])
+            out["rounds"].append(row)
+            say(f"a. round {r + 1}/{preset.repeats}: bare {bare_rate:.0f} img/s, pipeline "
+                f"{pipe_rate:.0f} img/s end-to-end, steady {pipe_steady:.0f} vs "
+                f"{bare_steady:.0f} img/s")
+    finally:
+        ctx.target_max_block_size = saved
+    rounds = out["rounds"]
+    for key in ("bare_images_per_s", "pipeline_images_per_s", "bare_steady_images_per_s",
+                "pipeline_steady_images_per_s", "efficiency_end_to_end", "efficiency_steady",
+                "bare_actor_threads_steady_images_per_s", "efficiency_steady_vs_actor_threads",
+                "pipeline_s", "small_pipeline_s"):
+        out[key] = median(r[key] for r in rounds)
+    out["fixed_overhead_s"] = median(r["small_pipeline_s"] - r["small_images"]
+                                     / r["pipeline_steady_images_per_s"] for r in rounds)
+    out["pipeline_efficiency"] = out["efficiency_steady"]
+    out["headline"] = ("steady state: marginal images/s of the pipeline (full run minus a "
+                       "one-shard run, so Ray Data planning, actor start and model load cancel) "
+                       "over the bare loop's images/s after its model load")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# b. projector training vs the matmul floor of its shapes
+
+def linear_shapes(psi: torch.nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in psi.modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def projector_flops(psi: torch.nn.Module) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs per pair of psi's matmuls. Backward = weight
+    gradients of every layer + input gradients of every layer but the first (its input, the
+    cached embedding, needs none): ~3x forward."""
+    shapes = linear_shapes(psi)
+    forward = sum(2 * i * o for i, o in shapes)
+    first_in, first_out = shapes[0]
+    return forward, 3 * forward - 2 * first_in * first_out
+
+
+def matmul_floor_step(psi: torch.nn.Module, batch: int, device: str):
+    """One step's worth of bare torch.mm calls with psi's shapes: forward, input grads (not for
+    the first layer) and weight grads."""
+    mats = []
+    for k, (i, o) in enumerate(linear_shapes(psi)):
+        mats.append((torch.randn(batch, i, device=device), torch.randn(o, i, device=device),
+                     torch.randn(batch, o, device=device), k > 0))
+
+    def step():
+        for x, w, dy, input_grad in mats:
+            torch.mm(x, w.t())
+            if input_grad:
+                torch.mm(dy, w)
+            torch.mm(dy.t(), x)
+    return step
+
+
+def train_step_fn(psi: torch.nn.Module, batch: int, device: str, pool: int = 8192):
+    """The stage-1 step on cached embeddings (a plain torch loop): noise, psi, stage1_loss
+    (InfoNCE + cosine), AdamW; batches are slices of an in-memory pool, as from a cache."""
+    a_pool = torch.nn.functional.normalize(torch.randn(pool, psi.d_in, device=device), dim=-1)
+    b_pool = torch.nn.functional.normalize(torch.randn(pool, psi.d_out, device=device), dim=-1)
+    opt = torch.optim.AdamW(psi.parameters(), lr=1e-3)
+    recipe = Stage1Config()
+    state = {"k": 0}
+
+    def step():
+        start = (state["k"] * batch) % (pool - batch)
+        state["k"] += 1
+        a = add_noise(a_pool[start:start + batch], recipe.noise_sigma)
+        loss, _ = stage1_loss(psi(a), b_pool[start:start + batch], recipe.temperature,
+                              recipe.cosine_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()  # the real loop reads the loss every step
+    return step
+
+
+def paired_rounds(baseline, measured, window: int, rounds: int, device: str) -> dict:
+    """Alternate `window` calls of baseline and measured, `rounds` times; per-round ratios
+    baseline_time / measured_time (wall and CPU time), medians, and the best-of ratio."""
+    for _ in range(2):
+        baseline(), measured()
+    base_w, meas_w, base_c, meas_c = [], [], [], []
+    for r in range(rounds):
+        for name in ("base", "meas") if r % 2 == 0 else ("meas", "base"):
+            fn = baseline if name == "base" else measured
+            wall, cpu = timed(lambda: [fn() for _ in range(window)], device)
+            (base_w if name == "base" else meas_w).append(wall / window)
+            (base_c if name == "base" else meas_c).append(cpu / window)
+    return {"baseline_s": base_w, "measured_s": meas_w,
+            "ratio": median(b / m for b, m in zip(base_w, meas_w)),
+            "ratio_cpu_time": median(b / m for b, m in zip(base_c, meas_c)),
+            "ratio_best_of": min(base_w) / min(meas_w),
+            "baseline_step_s": median(base_w), "measured_step_s": median(meas_w)}
+
+
+def bench_train_case(d_in: int, d_out: int, depth: int, width: int, batch: int, window: int,
+                     rounds: int, device: str) -> dict:
+    torch.manual_seed(0)
+    psi = Projector(d_in, d_out, depth, width).to(device)
+    fwd, total = projector_flops(psi)
+    got = paired_rounds(matmul_floor_step(psi, batch, device), train_step_fn(psi, batch, device),
+                        window, rounds, device)
+    return {"d_in": d_in, "d_out": d_out, "depth": depth, "width": width, "batch": batch,
+            "flops_forward_per_pair": fwd, "flops_per_pair": total,
+            "loss_logit_flops_per_pair": 3 * 2 * batch * d_out,  # B x B logits, fwd + bwd
+            "matmul_gflops": total * batch / got["baseline_step_s"] / 1e9,
+            "upper_bound_pairs_per_s": batch / got["baseline_step_s"],
+            "pairs_per_s": batch / got["measured_step_s"],
+            "fraction_of_matmul": got["ratio"], "fraction_cpu_time": got["ratio_cpu_time"],
+            "fraction_best_of": got["ratio_best_of"], "rounds": rounds, "window_steps": window}
+
+
+class EpochClock:
+    """Ray Train callback (runs on the controller): appends the wall time of every report."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(f"{time.time()}\n")
+
+
+def bench_train_ray(preset: Preset, d_in: int, d_out: int, device: str, work: Path) -> dict:
+    """Stage 1 through train_stage1 (Ray Train + DeepSpeed): steady pairs/s from the times of
+    its epoch reports (epochs 2..E; the first pays worker start and DeepSpeed init)."""
+    from ray.train import UserCallback
+
+    from xbt_ray.data.cache import Embeddings
+    from xbt_ray.train.stage1 import train_stage1
+
+    class Clock(EpochClock, UserCallback):
+        pass
+
+    rng = np.random.default_rng(0)
+    rows = preset.ray_train_rows
+    keys = np.array([f"cap{i:07d}" for i in range(rows)], dtype=object)
+
+    def table(dim):
+        x = rng.standard_normal((rows, dim), dtype=np.float32)
+        return Embeddings(keys, keys, x / np.linalg.norm(x, axis=1, keepdims=True), {})
+
+    new, old = table(d_in), table(d_out)
+    gpu = device == "cuda"
+    trainer = TrainerConfig(num_workers=preset.ray_train_workers, use_gpu=gpu,
+                            cpus_per_worker=1.0 if gpu else 0.5)
+    recipe = Stage1Config(epochs=preset.ray_train_epochs, batch_size=preset.train_batch)
+    clock = work / f"epochs-{time.time_ns()}.txt"
+    start = time.time()
+    train_stage1(new, old, ProjectorConfig(depth=preset.train_depth, width=preset.train_width),
+                 recipe, trainer, run_name=f"bench-stage1-{time.time_ns()}",
+                 storage_path=work / "ray-train", out_dir=work / "stage1-out", seed=0,
+                 callbacks=[Clock(str(clock))])
+    total = time.time() - start
+    stamps = [float(x) for x in clock.read_text().split()]
+    clock.unlink()
+    pairs_per_epoch = (rows // recipe.batch_size) * recipe.batch_size
+    steady = pairs_per_epoch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return {"d_in": d_in, "d_out": d_out, "rows": rows, "epochs": recipe.epochs,
+            "batch": recipe.batch_size, "workers": trainer.num_workers,
+            "cpus_per_worker": trainer.cpus_per_worker, "zero_stage": trainer.zero_stage,
+            "total_s": total, "first_report_s": stamps[0] - start,
+            "epoch_s": list(np.diff(stamps)), "pairs_per_s": steady}
+
+
+def bench_train(preset: Preset, device: str, use_ray: bool, work: Path) -> dict:
+    rounds = 2 * preset.repeats + 1
+    cases = []
+    for d_in, d_out in preset.train_cases:
+        case = bench_train_case(d_in, d_out, preset.train_depth, preset.train_width,
+                                preset.train_batch, preset.train_window, rounds, device)
+        cases.append(case)
+        say(f"b. {d_in}->{d_out}: {case['pairs_per_s']:.0f} pairs/s, matmul bound "
+            f"{case['upper_bound_pairs_per_s']:.0f} pairs/s ({case['matmul_gflops']:.1f} GFLOP/s)"
+            f", fraction {case['fraction_of_matmul']:.2f}")
+    out = {"cases": cases, "train_fraction_of_matmul": cases[0]["fraction_of_matmul"],
+           "headline_case": f"{cases[0]['d_in']}->{cases[0]['d_out']}"}
+    if use_ray and preset.train_ray:
+        d_in, d_out = preset.train_cases[0]
+        psi = Projector(d_in, d_out, preset.train_depth, preset.train_width).to(device)
+        floor = matmul_floor_step(psi, preset.train_batch, device)
+
+        def bound():  # the matmul bound just before / after the Ray run (load drifts)
+            times = [timed(lambda: [floor() for _ in range(preset.train_window)], device)[0]
+                     / preset.train_window for _ in range(3)]
+            return preset.train_batch / median(times)
+
+        before = bound()
+        ray_row = bench_train_ray(preset, d_in, d_out, device, work)
+        after = bound()
+        ray_row["upper_bound_pairs_per_s"] = median([before, after])
+        ray_row["fraction_of_matmul"] = ray_row["pairs_per_s"] / ray_row["upper_bound_pairs_per_s"]
+        ray_row["over_single_process"] = ray_row["pairs_per_s"] / cases[0]["pairs_per_s"]
+        out["ray_train"] = ray_row
+        say(f"b. Ray Train + DeepSpeed {d_in}->{d_out}: {ray_row['pairs_per_s']:.0f} pairs/s "
+            f"steady, fraction {ray_row['fraction_of_matmul']:.2f} (run {ray_row['total_s']:.0f} s)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# c. exact search vs the matmul floor (a subprocess, for its own peak memory)
+
+def bench_eval(preset: Preset, cores: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.eval_search", "--images", str(preset.eval_images),
+           "--captions", str(preset.eval_captions), "--queries", str(preset.eval_queries),
+           "--dim", str(preset.eval_dim), "--max-chunk-mib", str(preset.eval_chunk_mib),
+           "--repeats", str(2 * preset.repeats - 1), "--threads", str(cores)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"eval subprocess failed: {done.stderr.strip()[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    say(f"c. query_ranks {out['queries_per_s']:.0f} queries/s, fraction of matmul "
+        f"{out['eval_fraction_of_matmul']:.2f}, peak RSS {out['peak_rss_gib']:.2f} GiB, full "
+        f"protocol ~{out['full_protocol_s']:.0f} s")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# d. a sweep's K trials over one embedding cache vs K x (embed + train)
+
+def bench_sweep(preset: Preset, world: Path, old: ModelConfig, new: ModelConfig, device: str,
+                work: Path) -> dict:
+    """Each sweep trial resolves its caches through embed_shards on ONE cache root (the first
+    trial encodes, later ones reuse) and trains stage 1 (train_stage1); each naive trial embeds
+    into a fresh cache root, then trains. Encoder runs = embed_shards calls that did not reuse."""
+    from xbt_ray.data.embed import embed_shards
+    from xbt_ray.train.stage1 import train_stage1
+
+    files = shards.list_shards(str(world / "text"))
+    embed_cfg = EmbedConfig(batch_size=preset.embed_batch, num_actors=1, actor_num_cpus=1.0)
+    gpu = device == "cuda"
+    trainer = TrainerConfig(num_workers=1 if gpu else 2, use_gpu=gpu,
+                            cpus_per_worker=1.0 if gpu else 0.5)
+    recipe = Stage1Config(epochs=preset.sweep_epochs, batch_size=min(512, preset.sweep_captions))
+    shared = Path(tempfile.mkdtemp(prefix="sweep-cache-", dir=work))
+    trials = {"sweep": [], "naive": []}
+    encoder_runs = {"sweep": 0, "naive": 0}
+
+    def trial(path: str, k: int) -> dict:
+        root = shared if path == "sweep" else Path(tempfile.mkdtemp(prefix="naive-", dir=work))
+        start = time.perf_counter()
+        results = [embed_shards(files, "text", m, root, embed_cfg) for m in (new, old)]
+        embedded = time.perf_counter()
+        encoder_runs[path] += sum(not r.reused for r in results)
+        tables = [cache.read_embeddings(r.directory) for r in results]
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Train resets it
+        train_stage1(tables[0], tables[1], ProjectorConfig(), recipe, trainer,
+                     run_name=f"bench-{path}-{k}-{time.time_ns()}", storage_path=work / "ray-train",
+                     out_dir=work / f"{path}-{k}", seed=k)
+        end = time.perf_counter()
+        if path == "naive":
+            shutil.rmtree(root, ignore_errors=True)
+        return {"embed_s": embedded - start, "train_s": end - embedded, "total_s": end - start,
+                "encoded": [not r.reused for r in results]}
+
+    try:
+        for k in range(preset.sweep_trials):
+            for path in ("sweep", "naive") if k % 2 == 0 else ("naive", "sweep"):
+                trials[path].append(trial(path, k))
+            say(f"d. trial {k + 1}/{preset.sweep_trials}: sweep {trials['sweep'][-1]['total_s']:.1f}"
+                f" s, naive {trials['naive'][-1]['total_s']:.1f} s")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    K = preset.sweep_trials
+    sweep_s = sum(t["total_s"] for t in trials["sweep"])
+    naive_s = sum(t["total_s"] for t in trials["naive"])
+    embed = median(t["embed_s"] for t in trials["naive"])   # both encoders, fresh cache
+    train = median(t["train_s"] for t in trials["sweep"] + trials["naive"])
+    pairs = 2  # (old, caption corpus) and (new, caption corpus), text modality
+    return {"trials": K, "captions": preset.sweep_captions, "stage1_epochs": recipe.epochs,
+            "sweep_driver": sweep_driver_status(),
+            "sweep_s": sweep_s, "naive_s": naive_s, "time_ratio": sweep_s / naive_s,
+            "embed_both_s_median": embed, "train_s_median": train,
+            # (E + K T) / (K (E + T)) from the medians: what the ratio would be without noise
+            "time_ratio_model": (embed + K * train) / (K * (embed + train)),
+            "encoder_runs": encoder_runs, "model_dataset_pairs": pairs,
+            "encoder_runs_per_sweep": encoder_runs["sweep"] / pairs,
+            "encoder_runs_per_naive_sweep": encoder_runs["naive"] / pairs,
+            "trials_detail": trials}
+
+
+def sweep_driver_status() -> dict:
+    try:
+        import xbt_ray.sweep  # noqa: F401
+        importable = True
+    except Exception as e:  # the module is being written beside this benchmark
+        importable = f"{type(e).__name__}: {e}"
+    return {"module": "xbt_ray/sweep.py", "importable": importable, "used": False,
+            "why": "run_sweep needs trained demo models, an MLflow store and the Ray dashboard "
+                   "(Tune trial cleanup); this measures its principle with the same calls it "
+                   "makes: embed_shards (cache reuse) then train_stage1 per trial"}
+
+
+# -----------------------------------------------------------------------------
+# e. upgrade economics: XBT's compute vs a full backfill of the gallery
+
+def encoder_rates(preset: Preset, old: ModelConfig, new: ModelConfig, captions: list[str],
+                  device: str) -> dict:
+    """images/s and texts/s of both models' towers (forward only, preprocessed inputs),
+    interleaved rounds, medians."""
+    models = {}
+    for which, cfg in (("old", old), ("new", new)):
+        model, tokenizer = clip.load_clip(cfg, device)
+        size = clip.image_size(cfg.name)
+        pixels = torch.randint(0, 256, (preset.encoder_batch, size, size, 3), dtype=torch.uint8)
+        x = clip.pixels_to_input(pixels.to(device), model.visual.preprocess_cfg)
+        tokens = tokenizer((captions * preset.encoder_batch)[:preset.encoder_batch]).to(device)
+        models[which] = (model, x, tokens)
+    times = {f"{w}_{m}": [] for w in models for m in ("image", "text")}
+    with torch.no_grad():
+        for _ in range(preset.repeats):
+            for which, (model, x, tokens) in models.items():
+                for modality, fn in (("image", lambda: model.encode_image(x, normalize=True)),
+                                     ("text", lambda: model.encode_text(tokens, normalize=True))):
+                    fn()  # warm
+                    wall, _ = timed(lambda: [fn() for _ in range(preset.encoder_window)], device)
+                    times[f"{which}_{modality}"].append(wall / preset.encoder_window)
+    del models
+    return {f"{k}_per_s": preset.encoder_batch / median(v) for k, v in times.items()}
+
+
+def stage2_rate(preset: Preset, old: ModelConfig, new: ModelConfig, captions: list[str],
+                device: str) -> dict:
+    """Pairs/s of a stage-2 step (LoRA on the new image tower, frozen psi and text tower, the
+    faithful loss), single process: what the LoRA stage costs per training pair."""
+    from xbt_ray.models import lora
+    from xbt_ray.train.stage2 import AdaptedTowers
+
+    torch.manual_seed(0)
+    model, tokenizer = clip.load_clip(new, device)
+    model.logit_scale.requires_grad_(False)
+    psi = Projector(clip.embed_dim(new.name), clip.embed_dim(old.name), 2, 512).to(device)
+    psi.requires_grad_(False)
+    towers = AdaptedTowers(lora.add_lora(model, LoraConfig()), psi, text_trainable=False).train()
+    opt = torch.optim.AdamW([p for p in towers.parameters() if p.requires_grad], lr=5e-4)
+    B, size = preset.stage2_batch, clip.image_size(new.name)
+    pixels = torch.randint(0, 256, (B, size, size, 3), dtype=torch.uint8, device=device)
+    tokens = tokenizer((captions * B)[:B]).to(device)
+    ids = torch.arange(B, device=device)
+
+    def step():
+        images = clip.pixels_to_input(pixels, model.visual.preprocess_cfg)
+        u, v = towers(images, tokens)
+        loss, _ = stage2_loss(u, v, ids, 0.05, 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    step()
+    times = [timed(lambda: [step() for _ in range(preset.stage2_window)], device)[0]
+             / preset.stage2_window for _ in range(preset.repeats)]
+    return {"stage2_pairs_per_s": B / median(times), "stage2_batch": B}
+
+
+def stage1_rate(preset: Preset, old: ModelConfig, new: ModelConfig, device: str) -> float:
+    """Pairs/s of the stage-1 step for these models' dims (ProjectorConfig defaults)."""
+    proj = ProjectorConfig()
+    psi = Projector(clip.embed_dim(new.name), clip.embed_dim(old.name), proj.depth,
+                    proj.width).to(device)
+    step = train_step_fn(psi, preset.train_batch, device)
+    step()
+    times = [timed(lambda: [step() for _ in range(preset.train_window)], device)[0]
+             / preset.train_window for _ in range(preset.repeats)]
+    return preset.train_batch / median(times)
+
+
+def economics(preset: Preset, rates: dict) -> dict:
+    """Seconds of this device: XBT (fixed, independent of the gallery) vs backfill (per item)."""
+    r = rates
+    text_both = 1 / r["old_text_per_s"] + 1 / r["new_text_per_s"]
+    image_both = 1 / r["old_image_per_s"] + 1 / r["new_image_per_s"]
+    parts = {"embed_caption_corpus_s": preset.n_text * text_both,
+             "embed_training_pairs_s": preset.n_pairs * (text_both + image_both),
+             "stage1_s": preset.stage1_epochs * preset.n_text / r["stage1_pairs_per_s"],
+             "stage2_s": preset.stage2_epochs * preset.n_pairs / r["stage2_pairs_per_s"]}
+    xbt = sum(parts.values())
+    galleries = [{"gallery_items": g, "backfill_s": g / r["new_image_per_s"], "xbt_s": xbt,
+                  "xbt_over_backfill": xbt / (g / r["new_image_per_s"])}
+                 for g in preset.galleries]
+    return {"assumptions": {
+                "gallery_modality": "images (backfill = new image tower over every gallery item)",
+                "n_text_captions": preset.n_text, "n_training_pairs": preset.n_pairs,
+                "stage1_epochs": preset.stage1_epochs, "stage2_epochs": preset.stage2_epochs,
+                "encoders": "forward only on preprocessed inputs (decode excluded on both sides)",
+                "training pairs": "embedded by old and new, image and text (anchored objective; "
+                                  "the faithful one needs only the new model there)",
+                "single device": "all work on this one device, fp32"},
+            "rates": rates, "xbt_parts_s": parts, "xbt_s": xbt, "galleries": galleries,
+            "break_even_gallery_items": xbt * r["new_image_per_s"],
+            "xbt_over_backfill_1b": next(g["xbt_over_backfill"] for g in galleries
+                                         if g["gallery_items"] == 1_000_000_000)}
+
+
+def bench_economics(preset: Preset, world: Path, old: ModelConfig, new: ModelConfig,
+                    device: str) -> dict:
+    text_file = shards.list_shards(str(world / "text"))[0]
+    captions = [str(t) for t in pq.read_table(text_file, columns=["txt"]).column("txt").to_pylist()]
+    rates = encoder_rates(preset, old, new, captions[:preset.encoder_batch], device)
+    rates["stage1_pairs_per_s"] = stage1_rate(preset, old, new, device)
+    rates |= stage2_rate(preset, old, new, captions, device)
+    out = economics(preset, rates)
+    out["models"] = {"old": old.name, "new": new.name, "weights": "random (no download)"}
+    say("e. XBT/backfill: " + ", ".join(f"{g['gallery_items']:.0e}: {g['xbt_over_backfill']:.3g}"
+                                        for g in out["galleries"]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# output
+
+def check_goal(name: str, value) -> bool | None:
+    if value is None or name not in GOALS:
+        return None
+    op, target = GOALS[name]
+    return {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:.3e}"
+    return str(x)
+
+
+def to_markdown(res: dict) -> str:
+    d = res["device"]
+    lines = [f"# xbt-ray benchmark: preset `{res['preset']}`", "",
+             f"{res['started']}; {d.get('gpu') or d['cpu']}, {d['cores']} cores, torch "
+             f"{d['torch']}; wall time {res['wall_time_s']:.0f} s; load average "
+             f"{d['load_average_start'][0]:.1f} at start, {d['load_average_end'][0]:.1f} at end. "
+             "Ratios are medians of paired rounds (see benchmarks/README.md).", "",
+             "| metric | value | goal | met |", "|---|---|---|---|"]
+    for name in HEADLINE:
+        goal = GOALS.get(name)
+        met = check_goal(name, res[name])
+        lines.append(f"| {name} | {fmt(res[name])} | {' '.join(map(str, goal)) if goal else '-'} "
+                     f"| {'-' if met is None else ('yes' if met else 'no')} |")
+    p = res.get("pipeline") or {}
+    if p.get("rounds"):
+        lines += ["", "## a. embedding pipeline vs bare loop", "",
+                  f"{p['images']} images, model {p['model']}, batch {p['batch_size']}, "
+                  f"{p['encoder_actors']} encoder actor(s) x {p['actor_cpus']} CPU, blocks "
+                  f"{p['target_max_block_mib']:.1f} MiB.", "",
+                  "| | bare loop | pipeline |", "|---|---|---|",
+                  f"| images/s end to end | {fmt(p['bare_images_per_s'])} | "
+                  f"{fmt(p['pipeline_images_per_s'])} |",
+                  f"| images/s steady | {fmt(p['bare_steady_images_per_s'])} | "
+                  f"{fmt(p['pipeline_steady_images_per_s'])} |",
+                  f"| ratio end to end / steady | | {fmt(p['efficiency_end_to_end'])} / "
+                  f"{fmt(p['efficiency_steady'])} |",
+                  f"| pipeline fixed overhead (s) | | {fmt(p['fixed_overhead_s'])} |",
+                  f"| diagnostic: bare loop with the actor's {p['actor_threads']} thread(s), "
+                  f"steady | {fmt(p['bare_actor_threads_steady_images_per_s'])} | ratio "
+                  f"{fmt(p['efficiency_steady_vs_actor_threads'])} |"]
+    t = res.get("train")
+    if t:
+        lines += ["", "## b. projector training vs matmul floor", "",
+                  "| run | shape | pairs/s | matmul bound pairs/s | GFLOP/s | fraction | "
+                  "fraction (CPU time) |", "|---|---|---|---|---|---|---|"]
+        for c in t["cases"]:
+            lines.append(f"| single process | {c['d_in']}->{c['d_out']} | {fmt(c['pairs_per_s'])} "
+                         f"| {fmt(c['upper_bound_pairs_per_s'])} | {fmt(c['matmul_gflops'])} | "
+                         f"{fmt(c['fraction_of_matmul'])} | {fmt(c['fraction_cpu_time'])} |")
+        if "ray_train" in t:
+            r = t["ray_train"]
+            lines.append(f"| Ray Train + DeepSpeed, {r['workers']} workers | {r['d_in']}->"
+                         f"{r['d_out']} | {fmt(r['pairs_per_s'])} | "
+                         f"{fmt(r['upper_bound_pairs_per_s'])} | - | "
+                         f"{fmt(r['fraction_of_matmul'])} | - |")
+    e = res.get("eval")
+    if e:
+        lines += ["", "## c. exact search (I2T, large-scale COCO sizes)", "",
+                  f"{e['queries_timed']} of {e['images']} image queries vs {e['captions']} "
+                  f"captions, dim {e['dim']}, {e['queries_per_chunk']} queries per chunk.", "",
+                  "| queries/s | matmul GFLOP/s | fraction | fraction (CPU time) | "
+                  "full protocol s (extrapolated) | peak RSS GiB |", "|---|---|---|---|---|---|",
+                  f"| {fmt(e['queries_per_s'])} | {fmt(e['matmul_gflops'])} | "
+                  f"{fmt(e['eval_fraction_of_matmul'])} | {fmt(e['fraction_cpu_time'])} | "
+                  f"{fmt(e['full_protocol_s'])} | {fmt(e['peak_rss_gib'])} |"]
+    s = res.get("sweep")
+    if s:
+        lines += ["", "## d. sweep over one cache vs K x (embed + train)", "",
+                  "| K | sweep s | naive s | ratio | ratio (model) | encoder runs sweep / naive |",
+                  "|---|---|---|---|---|---|",
+                  f"| {s['trials']} | {fmt(s['sweep_s'])} | {fmt(s['naive_s'])} | "
+                  f"{fmt(s['time_ratio'])} | {fmt(s['time_ratio_model'])} | "
+                  f"{s['encoder_runs']['sweep']} / {s['encoder_runs']['naive']} |"]
+    x = res.get("economics")
+    if x:
+        lines += ["", f"## e. XBT vs full backfill ({x['models']['old']} -> {x['models']['new']},"
+                  " throughputs measured here)", "",
+                  "| gallery items | backfill s | XBT s | XBT / backfill |", "|---|---|---|---|"]
+        for g in x["galleries"]:
+            lines.append(f"| {g['gallery_items']:.0e} | {fmt(g['backfill_s'])} | "
+                         f"{fmt(g['xbt_s'])} | {fmt(g['xbt_over_backfill'])} |")
+        rates = ", ".join(f"{k} {fmt(v)}" for k, v in x["rates"].items())
+        lines += ["", f"Rates: {rates}. Break-even gallery: {fmt(x['break_even_gallery_items'])} "
+                  "items."]
+    if res["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def run(preset: Preset, out_dir: Path = RESULTS, use_ray: bool | None = None,
+        work: Path = WORK) -> dict:
+    """Every part of the benchmark; writes out_dir/latest.json and latest.md; returns the dict."""
+    use_ray = preset.use_ray if use_ray is None else use_ray
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res = {"schema_version": 1, "preset": preset.name,
+           "started": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": device_info(device, cores), "settings": preset.to_dict()}
+    res |= {name: None for name in HEADLINE}
+    res |= {"skipped": {}, "part_seconds": {}}
+    world = demo_world(preset, work)
+    old, new = random_model(preset.old_model, work), random_model(preset.new_model, work)
+    if use_ray:
+        import ray
+
+        os.environ.pop("RAY_ADDRESS", None)  # never join another Ray on this machine
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        def part(key, fn):
+            start = time.time()
+            res[key] = fn()
+            res["part_seconds"][key] = time.time() - start
+
+        part("pipeline", lambda: bench_pipeline(preset, world, new, device, use_ray, work))
+        res["pipeline_efficiency"] = res["pipeline"].get("pipeline_efficiency")
+        part("train", lambda: bench_train(preset, device, use_ray, work))
+        res["train_fraction_of_matmul"] = res["train"]["train_fraction_of_matmul"]
+        part("eval", lambda: bench_eval(preset, cores))
+        res["eval_fraction_of_matmul"] = res["eval"]["eval_fraction_of_matmul"]
+        res["eval_peak_rss_gib"] = res["eval"]["peak_rss_gib"]
+        if use_ray:
+            part("sweep", lambda: bench_sweep(preset, world, old, new, device, work))
+            res["encoder_runs_per_sweep"] = res["sweep"]["encoder_runs_per_sweep"]
+        part("economics", lambda: bench_economics(preset, world, old, new, device))
+        res["xbt_over_backfill_1b"] = res["economics"]["xbt_over_backfill_1b"]
+    finally:
+        if use_ray:
+            import ray
+
+            ray.shutdown()
+    if not use_ray:
+        res["skipped"] |= {"pipeline": "needs Ray (bare loop measured only)",
+                           "train.ray_train": "needs Ray", "sweep": "needs Ray"}
+    res["goals_met"] = {k: check_goal(k, res[k]) for k in HEADLINE}
+    res["device"]["load_average_end"] = os.getloadavg()
+    res["wall_time_s"] = time.time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("latest.json", json.dumps(res, indent=2, default=float) + "\n"),
+                       ("latest.md", to_markdown(res))):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.rename(out_dir / name)
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md")
+    p.add_argument("--no-ray", action="store_true", help="pure-compute parts only")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override preset fields, e.g. repeats=5 eval_queries=0")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for item in args.set:
+        key, value = item.split("=", 1)
+        field = type(getattr(preset, key))
+        preset = dataclasses.replace(preset, **{key: field(value) if field is not bool
+                                                else value.lower() in ("1", "true", "yes")})
+    logging.basicConfig(level=logging.WARNING)
+    res = run(preset, Path(args.out), use_ray=False if args.no_ray else None)
+    print(to_markdown(res))
+    print(f"wrote {Path(args.out) / 'latest.json'} and latest.md in {res['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

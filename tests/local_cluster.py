@@ -1,0 +1,85 @@
+"""A real local Ray cluster for tests: `ray start --head` on 127.0.0.1, stopped by its own
+processes only (never `ray stop`, which would stop every Ray on the machine).
+
+Every process of the cluster (raylet, GCS, dashboard, workers) inherits RAY_ADDRESS, so Ray's own
+state-API lookups inside workers (Ray Train V2's placement-group cleaner) find THIS cluster even
+when another Ray runs on the same machine.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def auth_env() -> dict:
+    """Token authentication for this process and the clusters it starts. Ray reads it once, at
+    import: call this before anything imports ray (conftest does)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    return {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    address: str          # GCS address, host:port
+    dashboard_url: str    # job submission / state API
+    temp_dir: Path
+    env: dict             # environment that talks to this cluster (address and token set)
+
+
+def start_cluster(num_cpus: int = 2) -> LocalCluster:
+    port, dashboard_port = free_port(), free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))  # short: unix socket paths
+    address = f"127.0.0.1:{port}"
+    # Ray 2.60 turns token authentication on for `ray start`; clients need the same token
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_TRAIN_V2_ENABLED": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", **auth_env()}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={num_cpus}", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    return LocalCluster(address, f"http://127.0.0.1:{dashboard_port}", temp_dir, env)
+
+
+def stop_cluster(cluster: LocalCluster, timeout: float = 10) -> None:
+    """Terminate (then kill) exactly the processes of this cluster."""
+    import psutil
+
+    marker = str(cluster.temp_dir)
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(marker in part for part in p.info["cmdline"] or ()):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    time.sleep(1)

@@ -1,0 +1,67 @@
+"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1: the pipeline's smoke
+mode as a job (working_dir + runtime_env), then the same run name again, which reuses its work."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from local_cluster import RAY, start_cluster, stop_cluster
+
+
+@pytest.fixture(scope="module")
+def job_cluster():
+    cluster = start_cluster(num_cpus=2)
+    yield cluster
+    stop_cluster(cluster)
+
+
+def _submit(cluster, args: list[str], timeout: float = 900) -> str:
+    """Submit, wait for the end, return the job's logs; fails unless the job SUCCEEDED."""
+    for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", cluster.dashboard_url, "--no-wait",
+             "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "infra" / "runtime_env.yaml"),
+             "--", sys.executable, "jobs/pipeline.py", *args],
+            env=cluster.env, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in submit.stderr:
+            break
+        time.sleep(5)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    job_id = next(line.split("'")[1] for line in submit.stdout.splitlines()
+                  if "submitted successfully" in line)
+    deadline = time.time() + timeout
+    status = ""
+    while time.time() < deadline:
+        status = subprocess.run([RAY, "job", "status", "--address", cluster.dashboard_url, job_id],
+                                env=cluster.env, capture_output=True, text=True).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(5)
+    logs = subprocess.run([RAY, "job", "logs", "--address", cluster.dashboard_url, job_id],
+                          env=cluster.env, capture_output=True, text=True).stdout
+    assert "SUCCEEDED" in status, f"job {job_id}: {status[-500:]}\n{logs[-3000:]}"
+    return logs
+
+
+def test_pipeline_smoke_job_succeeds_then_resubmission_reuses(job_cluster, tiny_run, mlflow_uri,
+                                                              tmp_path):
+    import mlflow
+
+    config, _ = tiny_run  # its world, models and embeddings are reused by the smoke job
+    args = ["--smoke", "--run-name", "smoke-job", f"cache_dir={config.cache_dir}",
+            f"output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}",
+            "tracking.experiment=test-jobs"]
+    _submit(job_cluster, args)
+    report = json.loads((tmp_path / "runs" / "smoke-job" / "report.json").read_text())
+    assert "xbt-anchored->old" in [row["method"] for row in report["rows"]]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("test-jobs")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'smoke-job'")
+    assert run.info.status == "FINISHED" and "xbt_to_old.i2t.R1" in run.data.metrics
+
+    logs = _submit(job_cluster, args)  # same run name: finished steps are reused
+    assert "stage 1 already finished" in logs and "stage2 already finished" in logs
+    assert "stage2_anchored already finished" in logs
