@@ -41,7 +41,7 @@ class Preset:
     eval_dim: int = 512
     eval_chunk_mib: float = 256
     # d. sweep: K trials over one embedding cache vs K x (embed + train)
-    sweep_trials: int = 3
+    sweep_trials: int = 2            # each trial is a full Ray Train run: 30-100 s on 2 busy cores
     sweep_captions: int = 4096
     sweep_epochs: int = 2
     # e. upgrade economics (throughputs measured here, sizes of a real upgrade)
@@ -65,7 +65,7 @@ PRESETS = {
     "gpu": Preset(name="gpu", old_model="ViT-B-32", new_model="ViT-L-14",
                   world_image_size=256, pipeline_images=16384, embed_actors=1, actor_cpus=4.0,
                   ray_train_rows=262_144, ray_train_epochs=4, ray_train_workers=1,
-                  eval_queries=0, sweep_captions=16384, sweep_epochs=2,
+                  eval_queries=0, sweep_trials=3, sweep_captions=16384, sweep_epochs=2,
                   encoder_window=5, stage2_window=5),
     # the test's: tiny models, a tiny gallery, no Ray
     "micro": Preset(name="micro", old_model="xbt-test-old", new_model="xbt-test-new", repeats=3,
