@@ -53,7 +53,13 @@ def start_cluster(num_cpus: int = 2) -> LocalCluster:
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     f"--num-cpus={num_cpus}", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                    # the agents' default ports are fixed: a second Ray on the machine would
+                    # leave this cluster without a job agent ("No available agent")
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}",
+                    f"--metrics-export-port={free_port()}"],
                    env=env, check=True, capture_output=True, timeout=180)
     return LocalCluster(address, f"http://127.0.0.1:{dashboard_port}", temp_dir, env)
 
