@@ -317,27 +317,34 @@ def _merge(obj, updates: dict, prefix: str = ""):
     return dataclasses.replace(obj, **changes)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ['stage1.lr=3e-4', 'world.seed=2'] into a nested dict (values parsed as YAML)."""
+def nest(flat: dict) -> dict:
+    """Turn {'stage1.lr': 3e-4, 'world.seed': 2} into a nested dict."""
     nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
+    for key, value in flat.items():
         parts = key.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"override '{item}' has an empty key part")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+            raise ConfigError(f"config key '{key}' has an empty part")
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override")
+                raise ConfigError(f"config key '{key}' conflicts with another key")
         node[parts[-1]] = value
     return nested
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['stage1.lr=3e-4', 'world.seed=2'] into a nested dict (values parsed as YAML)."""
+    flat = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            flat[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            flat[key] = raw
+    return nest(flat)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -37,7 +37,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from xbt_ray import tracking
-from xbt_ray.config import Config, ConfigError, EvalConfig, _merge, save_config
+from xbt_ray.config import Config, ConfigError, EvalConfig, _merge, nest, save_config
 from xbt_ray.data import cache
 from xbt_ray.data.cache import Embeddings
 
@@ -114,14 +114,7 @@ def _plain(value):
 
 
 def _nested(flat: dict) -> dict:
-    nested: dict = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = _plain(value)
-    return nested
+    return nest({key: _plain(value) for key, value in flat.items()})
 
 
 def trial_config(base: Config, params: dict) -> Config:

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from xbt_ray.eval.retrieval import query_ranks, recalls
+from xbt_ray.eval.retrieval import query_ranks, recalls, unit_rows
 
 ORDERS = ("random", "distance")
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def upgrade_order(old_gallery: np.ndarray, upgraded_gallery: np.ndarray, order: str,
@@ -26,7 +22,7 @@ def upgrade_order(old_gallery: np.ndarray, upgraded_gallery: np.ndarray, order: 
     if order == "random":
         return np.random.default_rng(seed).permutation(len(old_gallery))
     if order == "distance":
-        cos = np.sum(_unit(old_gallery) * _unit(upgraded_gallery), axis=-1)
+        cos = np.sum(unit_rows(old_gallery) * unit_rows(upgraded_gallery), axis=-1)
         return np.argsort(cos, kind="stable")  # least similar (largest distance) first
     raise ValueError(f"unknown backfill order '{order}', expected one of {ORDERS}")
 
@@ -35,8 +31,8 @@ def backfill_curve(queries, old_gallery, upgraded_gallery, query_ids, gallery_id
                    fractions, order: str, seed: int = 0, max_chunk_mib: float = 256) -> list[float]:
     """R@1 (percent) of `queries` against the gallery upgraded to each fraction."""
     order_idx = upgrade_order(old_gallery, upgraded_gallery, order, seed)
-    gallery = _unit(old_gallery).copy()
-    upgraded = _unit(upgraded_gallery)
+    gallery = unit_rows(old_gallery).copy()
+    upgraded = unit_rows(upgraded_gallery)
     curve, done = [], 0
     for f in fractions:
         n = int(round(f * len(gallery)))

@@ -19,33 +19,29 @@ import torch
 
 from xbt_ray.config import ConfigError
 from xbt_ray.data.cache import Embeddings
-from xbt_ray.eval.retrieval import evaluate_directions
+from xbt_ray.eval.retrieval import evaluate_directions, unit_rows
 from xbt_ray.models.projector import procrustes
 
 ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean squared norm of the inputs
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
 
 def procrustes_map(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """W (d_new x d_old) with orthonormal rows or columns maximising tr(W^T new^T old)."""
-    return procrustes(torch.from_numpy(_unit(new)), torch.from_numpy(_unit(old))).numpy().T
+    return procrustes(torch.from_numpy(unit_rows(new)), torch.from_numpy(unit_rows(old))).numpy().T
 
 
 def ridge_map(new: np.ndarray, old: np.ndarray, lam: float) -> np.ndarray:
     """argmin_W ||new W - old||^2 + lam * n * ||W||^2 (unit rows), in closed form."""
-    x, y = _unit(new).astype(np.float64), _unit(old).astype(np.float64)
+    x, y = unit_rows(new).astype(np.float64), unit_rows(old).astype(np.float64)
     gram = x.T @ x + lam * len(x) * np.eye(x.shape[1])
     return np.linalg.solve(gram, x.T @ y).astype(np.float32)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
     """Spherical interpolation between unit rows a (alpha=0) and b (alpha=1)."""
-    a, b = _unit(a), _unit(b)
+    a, b = unit_rows(a), unit_rows(b)
     cos = np.clip(np.sum(a * b, axis=-1, keepdims=True), -1.0, 1.0)
     omega = np.arccos(cos)
     sin = np.sin(omega)
@@ -53,7 +49,7 @@ def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
     safe = np.where(small, 1.0, sin)
     wa = np.where(small, 1 - alpha, np.sin((1 - alpha) * omega) / safe)
     wb = np.where(small, alpha, np.sin(alpha * omega) / safe)
-    return _unit(wa * a + wb * b)
+    return unit_rows(wa * a + wb * b)
 
 
 @dataclass
@@ -119,7 +115,7 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
     for name, (new, old) in maps.items():
         w = procrustes_map(new, old)
         out[f"procrustes-{name}->old"] = BaselineQueries(
-            _unit(split_new_images @ w), _unit(split_new_captions @ w), False,
+            unit_rows(split_new_images @ w), unit_rows(split_new_captions @ w), False,
             {"support": name, "n_support": len(new)})
     if "both" not in maps:
         return out
@@ -135,7 +131,7 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
                               h_new_cap @ ridge_map(new, old, lam)) for lam in LAMBDAS}
     lam = max(scores, key=scores.get)
     w = ridge_map(new, old, lam)
-    out["ridge->old"] = BaselineQueries(_unit(split_new_images @ w), _unit(split_new_captions @ w),
+    out["ridge->old"] = BaselineQueries(unit_rows(split_new_images @ w), unit_rows(split_new_captions @ w),
                                         False, {"support": "both", "n_support": len(new),
                                                 "lambda": lam, "heldout_r1": scores[lam]})
     w = procrustes_map(new, old)

@@ -20,6 +20,12 @@ def _unit(x) -> torch.Tensor:
     return F.normalize(torch.as_tensor(x, dtype=torch.float32, device="cpu"), dim=-1)
 
 
+def unit_rows(x) -> np.ndarray:
+    """float32 numpy rows, L2-normalised (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def _codes(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Map (string or int) ids to shared integer codes."""
     q, g = np.asarray(query_ids), np.asarray(gallery_ids)
