@@ -33,16 +33,17 @@ def _submit(cluster, args: list[str], timeout: float = 900) -> str:
     job_id = next(line.split("'")[1] for line in submit.stdout.splitlines()
                   if "submitted successfully" in line)
     deadline = time.time() + timeout
-    status = ""
+    status, verdict = "", f"job '{job_id.lower()}'"
     while time.time() < deadline:
-        status = subprocess.run([RAY, "job", "status", "--address", cluster.dashboard_url, job_id],
-                                env=cluster.env, capture_output=True, text=True).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        done = subprocess.run([RAY, "job", "status", "--address", cluster.dashboard_url, job_id],
+                              env=cluster.env, capture_output=True, text=True)
+        status = (done.stdout + done.stderr).lower()  # the CLI logs its verdict to stderr
+        if any(f"{verdict} {word}" in status for word in ("succeeded", "failed", "was stopped")):
             break
         time.sleep(5)
     logs = subprocess.run([RAY, "job", "logs", "--address", cluster.dashboard_url, job_id],
                           env=cluster.env, capture_output=True, text=True).stdout
-    assert "SUCCEEDED" in status, f"job {job_id}: {status[-500:]}\n{logs[-3000:]}"
+    assert f"{verdict} succeeded" in status, f"job {job_id}: {status[-500:]}\n{logs[-3000:]}"
     return logs
 
 
