@@ -50,6 +50,8 @@ def log_report(report: dict) -> None:
     """Every recall, gain, RSUM, flip rate, cost and backfill AUC of a report as metrics."""
     import mlflow
 
+    from xbt_ray.eval.report import cells_passed
+
     metrics = {}
     for row in report["rows"]:
         for direction in ("i2t", "t2i"):
@@ -62,9 +64,8 @@ def log_report(report: dict) -> None:
         for direction, flips in (row.get("flips") or {}).items():
             for name, value in flips.items():
                 metrics[metric_name(row["method"], direction, name)] = value
-        if "compatible" in row:
-            metrics[metric_name(row["method"], "cells_passed")] = sum(
-                ok for d in ("i2t", "t2i") for ok in row["compatible"][d].values())
+        if cells_passed(row) is not None:
+            metrics[metric_name(row["method"], "cells_passed")] = cells_passed(row)
         if "cost" in row:
             metrics[metric_name(row["method"], "old_forward_passes")] = \
                 row["cost"]["old_forward_passes"]
