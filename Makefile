@@ -27,3 +27,9 @@ PRESET ?= small
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench --preset $(PRESET) $(BENCH_ARGS)
+
+# make cluster-estimate: GPU-hours of docs/cluster.md's upgrade from measured throughputs
+# (rewrites its section 6 table; measured on a GPU node, projected from a CPU).
+.PHONY: cluster-estimate
+cluster-estimate: $(STAMP)
+	$(PY) -m benchmarks.cluster_estimate $(ESTIMATE_ARGS)

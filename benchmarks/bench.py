@@ -36,6 +36,7 @@ from benchmarks.presets import PRESETS, Preset
 from xbt_ray.config import (EmbedConfig, LoraConfig, ModelConfig, ProjectorConfig, Stage1Config,
                             TrainerConfig, WorldConfig)
 from xbt_ray.data import cache, shards
+from xbt_ray.data.embed import encoder_threads
 from xbt_ray.models import clip
 from xbt_ray.models.projector import Projector
 from xbt_ray.train.losses import add_noise, stage1_loss, stage2_loss
@@ -147,7 +148,7 @@ def pipeline_embed(files: list[str], model: ModelConfig, preset: Preset, work: P
     from xbt_ray.data.embed import embed_shards
 
     cfg = EmbedConfig(batch_size=preset.embed_batch, num_actors=preset.embed_actors,
-                      actor_num_cpus=preset.actor_cpus)
+                      actor_num_cpus=preset.actor_cpus, encoder_threads=preset.encoder_threads)
     root = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     try:
         start = time.perf_counter()
@@ -182,7 +183,9 @@ def bench_pipeline(preset: Preset, world: Path, model: ModelConfig, device: str,
     saved = ctx.target_max_block_size
     ctx.target_max_block_size = preset.block_images * size * size * 3
     out["target_max_block_mib"] = ctx.target_max_block_size / 2**20
-    threads, actor_threads = torch.get_num_threads(), max(1, int(preset.actor_cpus))
+    threads = torch.get_num_threads()
+    actor_threads = encoder_threads(EmbedConfig(actor_num_cpus=preset.actor_cpus,
+                                                encoder_threads=preset.encoder_threads))
     out["actor_threads"] = actor_threads
     try:
         for r in range(preset.repeats):
@@ -662,7 +665,9 @@ def to_markdown(res: dict) -> str:
     if p.get("rounds"):
         lines += ["", "## a. embedding pipeline vs bare loop", "",
                   f"{p['images']} images, model {p['model']}, batch {p['batch_size']}, "
-                  f"{p['encoder_actors']} encoder actor(s) x {p['actor_cpus']} CPU, blocks "
+                  f"{p['encoder_actors']} encoder actor(s) x {p['actor_cpus']} CPU "
+                  f"({p['actor_threads']} torch threads), bare loop {p['bare_threads']} threads, "
+                  "blocks "
                   f"{p['target_max_block_mib']:.1f} MiB.", "",
                   "| | bare loop | pipeline |", "|---|---|---|",
                   f"| images/s end to end | {fmt(p['bare_images_per_s'])} | "

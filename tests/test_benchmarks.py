@@ -50,3 +50,80 @@ def test_micro_benchmark_writes_the_schema(tmp_path):
     assert "| metric | value | goal | met |" in table
     for key in bench.HEADLINE:
         assert f"| {key} |" in table
+
+
+# ----------------------------------------------------------------------------- cluster estimate
+
+from benchmarks import cluster_estimate as ce  # noqa: E402
+
+
+def test_flop_count_of_a_linear_layer_and_of_attention():
+    import torch
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    assert ce.count_flops(lambda: lin(torch.randn(3, 8))) == 2 * 3 * 8 * 4
+    # nn.MultiheadAttention in inference (its fused fast path, as in open_clip's image towers):
+    # q, k, v and out projections (4 x 2 x n x d^2) plus the scores and the weighted sum
+    # (2 x 2 x n^2 x d), for n tokens of width d
+    n, d = 5, 8
+    mha = torch.nn.MultiheadAttention(d, 2, batch_first=True).eval()
+    x = torch.randn(1, n, d)
+    with torch.no_grad():
+        got = ce.count_flops(lambda: mha(x, x, x, need_weights=False))
+    assert got == 4 * 2 * n * d * d + 2 * 2 * n * n * d
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    # attention forward + backward (torch's formula: 2 matmuls forward, 5 backward, as the CPU
+    # kernel recomputes the scores), h heads of width d
+    h = 2
+    q = torch.randn(1, h, n, d, requires_grad=True)
+    both = ce.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, q, q).sum().backward())
+    assert both == (2 + 5) * 2 * h * n * n * d
+
+
+def test_estimate_by_hand():
+    rows = [{"work": "embed", "items": 7200, "rate": "new_image"},
+            {"work": "train", "items": 3600, "rate": "stage1"}]
+    sweep = {"work": "sweep", "items": 36000, "rate": "stage1"}
+    gpu = {"new_image": 2.0, "stage1": 10.0}       # items/s
+    here = {"new_image": 0.5, "stage1": 1.0}
+    est = ce.estimate(rows, sweep, gpu, here)
+    assert [r["gpu_hours"] for r in est["rows"]] == [1.0, 0.1, 1.0]
+    assert est["total_gpu_hours"] == 1.1 and est["sweep_gpu_hours"] == 1.0
+    assert est["total_here_hours"] == 4.0 + 1.0
+    b = est["backfills"][0]                         # 1M images at 2 / s
+    assert b["gallery_images"] == 10**6
+    assert b["gpu_hours"] == 10**6 / 2 / 3600
+    assert b["xbt_over_backfill"] == 1.1 / (10**6 / 2 / 3600)
+    assert b["xbt_over_backfill_here"] == 5.0 / (10**6 / 0.5 / 3600)
+    assert est["break_even_gallery_images"] == 1.1 * 3600 * 2
+
+
+def test_gpu_projection_by_hand():
+    measured = {"new_image": {"items_per_s": 1.0, "flops_per_item": 1e11, "utilisation": 0.5},
+                "stage2": {"items_per_s": 0.1, "flops_per_item": 3e11, "utilisation": 0.25}}
+    gpu = {"name": "G", "fp32": 20.0, "bf16": 100.0}
+    rates = ce.gpu_rates(measured, gpu, on_gpu=False)
+    assert rates["new_image"] == 0.5 * 20e12 / 1e11       # encoders run in fp32
+    assert rates["stage2"] == 0.25 * 100e12 / 3e11       # training in bf16
+    assert ce.gpu_rates(measured, gpu, on_gpu=True)["stage2"] == 0.1  # measured on a GPU
+
+
+def test_cluster_estimate_runs_on_the_tiny_models(tmp_path):
+    doc = tmp_path / "guide.md"
+    doc.write_text(f"before\n{ce.BEGIN}\nold table\n{ce.END}\nafter\n")
+    res = ce.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path),
+                   "--doc", str(doc)])
+    assert res["on_gpu"] is False
+    for key, m in res["measured"].items():
+        assert m["items_per_s"] > 0 and m["flops_per_item"] > 0 and m["utilisation"] > 0, key
+    assert res["measured"]["stage2"]["flops_per_item"] > res["measured"]["new_image"][
+        "flops_per_item"]                            # forward + backward through the tower
+    est = res["estimate"]
+    assert len(est["rows"]) == len(ce.workload(ce.load_config(ROOT / "configs" / "tiny.yaml"))) + 1
+    assert est["total_gpu_hours"] > 0
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("before\n") and text.endswith("after\n")
+    assert "Projection, not a GPU measurement" in text
+    assert json.loads((tmp_path / "cluster.json").read_text())["estimate"] == json.loads(
+        json.dumps(est))

@@ -227,3 +227,7 @@ def test_repo_tiny_yaml_loads():
     assert config.old.pretrained == ""
     assert config.projector.depth == 1 and config.projector.width == 64
     assert config.stage1.epochs == 2 and config.stage1.lr == 1e-3
+
+
+def test_negative_encoder_threads_refused():
+    assert "embed.encoder_threads" in _one_line_error(overrides=["embed.encoder_threads=-1"])

@@ -88,3 +88,12 @@ def test_embeddings_match_the_model_run_directly(ray_session, tar_shard, model, 
         x = clip.pixels_to_input(torch.from_numpy(pixels)[None], clip_model.visual.preprocess_cfg)
         direct = clip_model.encode_image(x, normalize=True)[0].numpy()
     np.testing.assert_allclose(table.emb[row], direct, atol=1e-5)
+
+
+def test_encoder_threads_default_to_the_actors_cpus():
+    from xbt_ray.data.embed import encoder_threads
+
+    assert encoder_threads(EmbedConfig()) == 1
+    assert encoder_threads(EmbedConfig(actor_num_cpus=0.5)) == 1
+    assert encoder_threads(EmbedConfig(actor_num_cpus=1.5)) == 2
+    assert encoder_threads(EmbedConfig(actor_num_cpus=1.0, encoder_threads=2)) == 2

@@ -8,6 +8,7 @@ and data is reused instead of re-encoding.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,6 @@ from xbt_ray.models.query_encoder import encoder_identity, load_encoder
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
-CPU_STAGE_NUM_CPUS = 0.5
 
 
 class Encoder:
@@ -57,6 +57,11 @@ class EmbedResult:
     reused: bool
 
 
+def encoder_threads(cfg: EmbedConfig) -> int:
+    """torch threads of one encoder actor: `embed.encoder_threads`, else its CPUs rounded up."""
+    return cfg.encoder_threads or max(1, math.ceil(cfg.actor_num_cpus))
+
+
 def encoder_gpus(cfg: EmbedConfig) -> float:
     """GPUs per encoder actor: `embed.num_gpus`, or (-1, auto) one when the CLUSTER has GPUs.
 
@@ -87,17 +92,17 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
     if modality == "image":
         ds = shards.read_rows(files, ["key", "image_id", "jpg"])
         ds = ds.map_batches(shards.decode_images, fn_kwargs={"size": clip.image_size(model.name)},
-                            batch_size=cfg.batch_size, num_cpus=CPU_STAGE_NUM_CPUS)
+                            batch_size=cfg.batch_size, num_cpus=shards.CPU_STAGE_NUM_CPUS)
     else:
         ds = shards.read_rows(files, ["key", "image_id", "txt"])
         ds = ds.map_batches(shards.prepare_texts, fn_kwargs={"model_name": model.name},
-                            batch_size=cfg.batch_size, num_cpus=CPU_STAGE_NUM_CPUS)
+                            batch_size=cfg.batch_size, num_cpus=shards.CPU_STAGE_NUM_CPUS)
     import ray.data
 
     ds = ds.map_batches(
         Encoder,
         fn_constructor_kwargs={"model": model, "modality": modality,
-                               "threads": int(cfg.actor_num_cpus)},
+                               "threads": encoder_threads(cfg)},
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size,
         num_cpus=cfg.actor_num_cpus,

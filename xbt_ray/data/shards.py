@@ -23,6 +23,9 @@ from xbt_ray.config import ConfigError
 # Decompression-bomb guard: refuse images whose pixel count exceeds this.
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Ray CPUs per task of the CPU stages (decode / tokenise): light next to the encoder, so that on
+# a small machine they fit beside encoder actors that take the rest
+CPU_STAGE_NUM_CPUS = 0.5
 
 
 def list_shards(source: str) -> list[str]:
@@ -268,8 +271,6 @@ def training_stream(files: list[str], udf, fn_kwargs: dict, columns: list[str], 
 
     Returns (dataset, rows_in). Re-executed (and re-shuffled) every epoch by Ray Train.
     """
-    from xbt_ray.data.embed import CPU_STAGE_NUM_CPUS
-
     raw = read_rows(files, ["key", "image_id", "jpg", "txt"])
     rows_in = raw.count()
     ds = (raw.map_batches(udf, fn_kwargs=fn_kwargs, batch_size=256, num_cpus=CPU_STAGE_NUM_CPUS)
