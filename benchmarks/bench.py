@@ -188,6 +188,9 @@ def bench_pipeline(preset: Preset, world: Path, model: ModelConfig, device: str,
                                                 encoder_threads=preset.encoder_threads))
     out["actor_threads"] = actor_threads
     try:
+        # warm-up, as the bare loop had one: the first Ray Data run of a fresh Ray pays one-off
+        # costs (worker processes, imports) that a long-running cluster does not
+        pipeline_embed(files[:1], model, preset, work)
         for r in range(preset.repeats):
             order = ("bare", "pipeline", "small", "bare_actor_threads")
             got = {}
