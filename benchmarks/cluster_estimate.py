@@ -186,7 +186,6 @@ def per_item_flops(old: ModelConfig, new: ModelConfig, psi, preset, device: str)
             flops[f"{which}_image"] = count_flops(lambda: model.encode_image(x))
             tokens = tokenizer(["a photo"]).to(device)
             flops[f"{which}_text"] = count_flops(lambda: model.encode_text(tokens))
-            del model
     one_pair = dataclasses.replace(preset, stage2_batch=2, stage2_window=1, repeats=1)
     flops["stage2"] = count_flops(
         lambda: bench.stage2_rate(one_pair, old, new, ["a photo"], device)) // (2 * 2)
@@ -231,6 +230,9 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {RATES[key][0]} ({key}) | {m['items_per_s']:,.1f} | "
                      f"{m['flops_per_item'] / 1e9:.2f} | {m['utilisation']:.2f} | "
                      f"{RATES[key][1]} |")
+    if not projected:
+        lines += ["", "Training steps were timed in fp32; the cluster config trains in bf16, so "
+                  "rows 11 to 13 and the sweep are upper bounds."]
     if projected:
         lines += ["", f"**Projection, not a GPU measurement:** {gpu['name']} rates assume each "
                   "step reaches the same fraction of the GPU's datasheet peak "
