@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
 from pathlib import Path
 
 from xbt_ray.config import ConfigError, load_config

@@ -64,8 +64,9 @@ def log_report(report: dict) -> None:
         for direction, flips in (row.get("flips") or {}).items():
             for name, value in flips.items():
                 metrics[metric_name(row["method"], direction, name)] = value
-        if cells_passed(row) is not None:
-            metrics[metric_name(row["method"], "cells_passed")] = cells_passed(row)
+        passed = cells_passed(row)
+        if passed is not None:
+            metrics[metric_name(row["method"], "cells_passed")] = passed
         if "cost" in row:
             metrics[metric_name(row["method"], "old_forward_passes")] = \
                 row["cost"]["old_forward_passes"]

@@ -15,7 +15,6 @@ from xbt_ray.eval.retrieval import query_ranks, recalls, unit_rows
 ORDERS = ("random", "distance")
 
 
-
 def upgrade_order(old_gallery: np.ndarray, upgraded_gallery: np.ndarray, order: str,
                   seed: int) -> np.ndarray:
     """Gallery indices in the order they are re-embedded."""

@@ -26,7 +26,6 @@ ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean squared norm of the inputs
 
 
-
 def procrustes_map(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """W (d_new x d_old) with orthonormal rows or columns maximising tr(W^T new^T old)."""
     return procrustes(torch.from_numpy(unit_rows(new)), torch.from_numpy(unit_rows(old))).numpy().T
@@ -127,13 +126,14 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
         return (cell["i2t"]["R1"] + cell["t2i"]["R1"]) / 2
 
     new, old = maps["both"]
-    scores = {lam: heldout_r1(h_new_img @ ridge_map(new, old, lam),
-                              h_new_cap @ ridge_map(new, old, lam)) for lam in LAMBDAS}
+    ridges = {lam: ridge_map(new, old, lam) for lam in LAMBDAS}
+    scores = {lam: heldout_r1(h_new_img @ w, h_new_cap @ w) for lam, w in ridges.items()}
     lam = max(scores, key=scores.get)
-    w = ridge_map(new, old, lam)
-    out["ridge->old"] = BaselineQueries(unit_rows(split_new_images @ w), unit_rows(split_new_captions @ w),
-                                        False, {"support": "both", "n_support": len(new),
-                                                "lambda": lam, "heldout_r1": scores[lam]})
+    w = ridges[lam]
+    out["ridge->old"] = BaselineQueries(unit_rows(split_new_images @ w),
+                                        unit_rows(split_new_captions @ w), False,
+                                        {"support": "both", "n_support": len(new),
+                                         "lambda": lam, "heldout_r1": scores[lam]})
     w = procrustes_map(new, old)
     scores = {a: heldout_r1(slerp(h_old_img, h_new_img @ w, a), slerp(h_old_cap, h_new_cap @ w, a))
               for a in ALPHAS}

@@ -22,8 +22,7 @@ def _unit(x) -> torch.Tensor:
 
 def unit_rows(x) -> np.ndarray:
     """float32 numpy rows, L2-normalised (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return _unit(x).numpy()
 
 
 def _codes(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
