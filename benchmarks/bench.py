@@ -495,7 +495,6 @@ def bench_sweep(preset: Preset, world: Path, old: ModelConfig, new: ModelConfig,
     train = median(t["train_s"] for t in trials["sweep"] + trials["naive"])
     pairs = 2  # (old, caption corpus) and (new, caption corpus), text modality
     return {"trials": K, "captions": preset.sweep_captions, "stage1_epochs": recipe.epochs,
-            "sweep_driver": sweep_driver_status(),
             "sweep_s": sweep_s, "naive_s": naive_s, "time_ratio": sweep_s / naive_s,
             "embed_both_s_median": embed, "train_s_median": train,
             # (E + K T) / (K (E + T)) from the medians: what the ratio would be without noise
@@ -504,18 +503,6 @@ def bench_sweep(preset: Preset, world: Path, old: ModelConfig, new: ModelConfig,
             "encoder_runs_per_sweep": encoder_runs["sweep"] / pairs,
             "encoder_runs_per_naive_sweep": encoder_runs["naive"] / pairs,
             "trials_detail": trials}
-
-
-def sweep_driver_status() -> dict:
-    try:
-        import xbt_ray.sweep  # noqa: F401
-        importable = True
-    except Exception as e:  # the module is being written beside this benchmark
-        importable = f"{type(e).__name__}: {e}"
-    return {"module": "xbt_ray/sweep.py", "importable": importable, "used": False,
-            "why": "run_sweep needs trained demo models, an MLflow store and the Ray dashboard "
-                   "(Tune trial cleanup); this measures its principle with the same calls it "
-                   "makes: embed_shards (cache reuse) then train_stage1 per trial"}
 
 
 # -----------------------------------------------------------------------------
@@ -580,9 +567,9 @@ def stage2_rate(preset: Preset, old: ModelConfig, new: ModelConfig, captions: li
     return {"stage2_pairs_per_s": B / median(times), "stage2_batch": B}
 
 
-def stage1_rate(preset: Preset, old: ModelConfig, new: ModelConfig, device: str) -> float:
-    """Pairs/s of the stage-1 step for these models' dims (ProjectorConfig defaults)."""
-    proj = ProjectorConfig()
+def stage1_rate(preset: Preset, old: ModelConfig, new: ModelConfig, device: str,
+                proj: ProjectorConfig = ProjectorConfig()) -> float:
+    """Pairs/s of the stage-1 step for these models' dims and psi's depth and width."""
     psi = Projector(clip.embed_dim(new.name), clip.embed_dim(old.name), proj.depth,
                     proj.width).to(device)
     step = train_step_fn(psi, preset.train_batch, device)

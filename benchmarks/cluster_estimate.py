@@ -31,7 +31,7 @@ from torch.utils import flop_counter
 
 from benchmarks import bench
 from benchmarks.presets import PRESETS
-from xbt_ray.config import ModelConfig, load_config
+from xbt_ray.config import ModelConfig, ProjectorConfig, load_config
 from xbt_ray.models import clip
 from xbt_ray.models.projector import Projector
 
@@ -55,6 +55,7 @@ GALLERIES = (1_000_000, 100_000_000, 1_000_000_000)
 RATES = {"old_text": ("old text tower", "fp32"), "new_text": ("new text tower", "fp32"),
          "old_image": ("old image tower", "fp32"), "new_image": ("new image tower", "fp32"),
          "stage1": ("psi step", "bf16"), "stage2": ("LoRA step, new image tower", "bf16")}
+ENCODERS = ("old_text", "new_text", "old_image", "new_image")
 
 
 def workload(config) -> list[dict]:
@@ -158,24 +159,19 @@ def measure(config, preset, device: str, work: Path) -> dict:
     matmul_before = matmul_gflops(device)
     rates = bench.encoder_rates(preset, old, new, captions, device)
     rates |= bench.stage2_rate(preset, old, new, captions, device)
-    psi = Projector(clip.embed_dim(new.name), clip.embed_dim(old.name), config.projector.depth,
-                    config.projector.width).to(device)
-    step = bench.train_step_fn(psi, preset.train_batch, device)
-    step()
-    times = [bench.timed(lambda: [step() for _ in range(preset.train_window)], device)[0]
-             / preset.train_window for _ in range(preset.repeats)]
-    rates["stage1_per_s"] = preset.train_batch / bench.median(times)
+    rates["stage1_pairs_per_s"] = bench.stage1_rate(preset, old, new, device, config.projector)
     matmul = (matmul_before + matmul_gflops(device)) / 2
-    flops = per_item_flops(old, new, psi, preset, device)
+    flops = per_item_flops(old, new, config.projector, preset, device)
     measured = {}
     for key in RATES:
-        per_s = rates[f"{key}_per_s"] if key != "stage2" else rates["stage2_pairs_per_s"]
+        per_s = rates[f"{key}_per_s" if key in ENCODERS else f"{key}_pairs_per_s"]
         measured[key] = {"items_per_s": per_s, "flops_per_item": flops[key],
                          "utilisation": per_s * flops[key] / (matmul * 1e9)}
     return {"matmul_gflops": matmul, "rates": measured}
 
 
-def per_item_flops(old: ModelConfig, new: ModelConfig, psi, preset, device: str) -> dict:
+def per_item_flops(old: ModelConfig, new: ModelConfig, proj: ProjectorConfig, preset,
+                   device: str) -> dict:
     """FLOPs per item of each tower's forward, the stage-2 step and the stage-1 step."""
     flops = {}
     with torch.no_grad():
@@ -189,8 +185,10 @@ def per_item_flops(old: ModelConfig, new: ModelConfig, psi, preset, device: str)
     one_pair = dataclasses.replace(preset, stage2_batch=2, stage2_window=1, repeats=1)
     flops["stage2"] = count_flops(
         lambda: bench.stage2_rate(one_pair, old, new, ["a photo"], device)) // (2 * 2)
-    step = bench.train_step_fn(psi, 64, device, pool=256)
-    flops["stage1"] = count_flops(step) // 64
+    psi = Projector(clip.embed_dim(new.name), clip.embed_dim(old.name), proj.depth,
+                    proj.width).to(device)
+    batch = preset.train_batch  # as timed: the B x B logits grow with the batch
+    flops["stage1"] = count_flops(bench.train_step_fn(psi, batch, device, pool=2 * batch)) // batch
     return flops
 
 
@@ -258,6 +256,7 @@ def main(argv=None) -> dict:
                    help="GPU to project to when measuring on a CPU")
     p.add_argument("--out", default=str(bench.RESULTS))
     p.add_argument("--doc", default=str(DOC), help="markdown file whose marked table to rewrite")
+    p.add_argument("--work", default=str(bench.WORK), help="where the random-weight models go")
     args = p.parse_args(argv)
     config = load_config(args.config)
     on_gpu = torch.cuda.is_available()
@@ -270,7 +269,7 @@ def main(argv=None) -> dict:
                   PRESETS["small"], encoder_batch=16, encoder_window=1, stage2_batch=4,
                   stage2_window=1, train_batch=512, train_window=4))
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    got = measure(config, preset, device, bench.WORK)
+    got = measure(config, preset, device, Path(args.work))
     gpu = GPU_PEAKS[args.gpu] if not on_gpu else {
         "name": torch.cuda.get_device_name(0), "fp32": None, "bf16": None}
     here = {k: m["items_per_s"] for k, m in got["rates"].items()}

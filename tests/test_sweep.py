@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from xbt_ray import sweep
-from xbt_ray.config import Config, ConfigError, load_config
+from xbt_ray.config import Config, ConfigError, EvalConfig, load_config
 from xbt_ray.data.cache import Embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_validator_reports_old_new_and_the_projected_method():
 
     pairs = _pairs()
     split = sweep.split_pairs(pairs, sweep.choose_validation(pairs, 0.5, 0))
-    validator = sweep.Validator(split.validation, [1, 5])
+    validator = sweep.Validator(split.validation, EvalConfig(ks=[1, 5]))
     psi = Projector(6, 4, 0, 8)
     report = validator.report({"xbt-stage1->old": psi})
     assert [r["method"] for r in report["rows"]] == ["old->old", "new->new", "xbt-stage1->old"]
@@ -141,7 +141,7 @@ def test_validator_reports_old_new_and_the_projected_method():
     assert math.isfinite(summary["primary"]) and json.loads(summary["report"]) == report
     assert set(validator.reference_gap()) == {"i2t", "t2i"}
     with pytest.raises(ConfigError, match="R@1"):
-        sweep.Validator(split.validation, [5, 10])
+        sweep.Validator(split.validation, EvalConfig(ks=[5, 10]))
 
 
 # --- the sweep on the tiny world -------------------------------------------------------------
@@ -214,9 +214,10 @@ def test_sweep_finishes_with_a_leaderboard_and_asha_stops_the_diverging_trials(t
 
 def test_encoders_run_once_per_model_and_dataset_not_per_trial(tiny_sweep):
     calls, summary = tiny_sweep["calls"], tiny_sweep["summary"]
-    # the driver's single embed step: one call per (model, dataset, modality), all reused
+    # the driver's single embed step: one call per (model, dataset, modality) the trials read
+    # (caption corpus and training pairs, not the eval split), all reused
     directories = [str(c.directory) for c in calls]
-    assert len(calls) == summary["embedding"]["jobs"] == len(set(directories)) == 10
+    assert len(calls) == summary["embedding"]["jobs"] == len(set(directories)) == 6
     assert [c for c in calls if not c.reused] == [] and summary["embedding"]["encoded"] == []
     # nothing was embedded anywhere (driver or trials): no cache directory appeared or changed
     assert tiny_sweep["after"] == tiny_sweep["before"]

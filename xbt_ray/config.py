@@ -351,18 +351,23 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nest(flat)
 
 
+def read_yaml(path: str | os.PathLike, what: str):
+    """The parsed YAML of a file (None when empty); one-line ConfigError naming `what` when the
+    file is missing or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides; validated. Raises ConfigError with one line."""
     config = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}")
-        config = _merge(config, loaded)
+        config = _merge(config, read_yaml(path, "config file") or {})
     if overrides:
         config = _merge(config, parse_overrides(overrides))
     config.validate()

@@ -141,10 +141,12 @@ def _split_name(eval_dir: Path, demo: bool) -> dict:
     return {"dataset": eval_dir.name, "protocol": "custom"}
 
 
-def embed_step(config: Config, sources: Sources, timings: dict) -> dict:
-    """All embeddings the later steps read: caption corpus and eval split, old and new, and the
-    training pairs (old and new: support of the baselines, targets of the anchored objective,
-    inputs of psi-only stage 2). The gallery is never embedded by anything but its own model."""
+def embed_step(config: Config, sources: Sources, timings: dict,
+               roles: tuple[str, ...] | None = None) -> dict:
+    """All embeddings the later steps read (or only `roles`): caption corpus and eval split, old
+    and new, and the training pairs (old and new: support of the baselines, targets of the
+    anchored objective, inputs of psi-only stage 2). The gallery is never embedded by anything
+    but its own model."""
     jobs = {
         "old_text": (sources.text, "text", sources.old),
         "new_text": (sources.text, "text", sources.new),
@@ -157,6 +159,8 @@ def embed_step(config: Config, sources: Sources, timings: dict) -> dict:
         for which, model in (("old", sources.old), ("new", sources.new)):
             jobs[f"{which}_pair_images"] = (sources.image_text, "image", model)
             jobs[f"{which}_pair_texts"] = (sources.image_text, "text", model)
+    if roles is not None:
+        jobs = {name: jobs[name] for name in roles}
     results = {}
     with timed(timings, "embed"):
         for name, (files, modality, model) in jobs.items():

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from xbt_ray import tracking
-from xbt_ray.config import Config, ConfigError, EvalConfig, _merge, nest, save_config
+from xbt_ray.config import (Config, ConfigError, EvalConfig, _merge, nest, read_yaml,
+                            save_config)
 from xbt_ray.data import cache
 from xbt_ray.data.cache import Embeddings
 
@@ -68,13 +68,7 @@ def load_space(path: str | Path, base: Config | None = None) -> dict:
     """Read a search space: `dotted.config.key: {choice|grid: [..]}` or `{uniform|loguniform|
     randint: [low, high]}` or a plain value (fixed for every trial). Every key and each bound or
     option is checked against the config schema, so a typo fails before any trial starts."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search space {path} is not valid YAML: {str(err).splitlines()[0]}")
+    doc = read_yaml(path, "search space file") or {}
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(f"search space {path} must map config keys to distributions")
     base = base or Config()
@@ -212,11 +206,11 @@ class Validator:
     Baselines and backfill curves are off: the table holds old->old, new->new and the trial's
     methods."""
 
-    def __init__(self, split, ks: list[int]):
-        if 1 not in ks:
+    def __init__(self, split, eval_cfg: EvalConfig):
+        if 1 not in eval_cfg.ks:
             raise ConfigError("sweeps need R@1: add 1 to eval.ks")
         self.split = split
-        self.cfg = EvalConfig(ks=list(ks), baselines=False, backfill_points=0)
+        self.cfg = dataclasses.replace(eval_cfg, baselines=False, backfill_points=0)
 
     def report(self, projectors: dict) -> dict:
         from xbt_ray.eval.compat import compatibility_report
@@ -328,7 +322,7 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], val_keys: np.n
     sweep's embedding caches only. Results reach Tune once per stage-1 epoch (ValidationReport)
     and once after stage 2."""
     from xbt_ray.train.stage1 import load_projector, train_stage1
-    from xbt_ray.train.stage2 import QUERY_ENCODER, train_stage2
+    from xbt_ray.train.stage2 import train_stage2
 
     config = trial_config(base, params)
     trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
@@ -336,7 +330,7 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], val_keys: np.n
     save_config(config, trial_dir / "config.yaml")
     tables = {name: cache.read_embeddings(path) for name, path in caches.items()}
     split = split_pairs({r: tables[r] for r in PAIR_ROLES}, val_keys)
-    validator = Validator(split.validation, config.eval.ks)
+    validator = Validator(split.validation, config.eval)
     shape = {"d_in": tables["new_text"].emb.shape[1], "d_out": tables["old_text"].emb.shape[1],
              "depth": config.projector.depth, "width": config.projector.width}
     stage1_dir = trial_dir / "stage1"
@@ -359,11 +353,10 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], val_keys: np.n
                      text_pairs=((tables["new_text"], tables["old_text"])
                                  if recipe.text_weight > 0 else None),
                      anchor_embeddings=((train["old_pair_images"], train["old_pair_texts"])
-                                        if recipe.objective == "anchored" else None))
+                                        if recipe.objective == "anchored" else None),
+                     export_encoder=False)  # psi is all a psi-only stage 2 changes
     if diverged:
         return
-    # psi is all a psi-only stage 2 changes: keep it, not a copy of the whole new model
-    (stage2_dir / QUERY_ENCODER).unlink(missing_ok=True)
     report = validator.report({STAGE1_METHOD: load_projector(stage1_dir),
                                method: load_projector(stage2_dir)})
     tune.report(summarise(report, method) | {
@@ -610,14 +603,15 @@ def run_sweep(config: Config, space_path: str | Path, num_samples: int | None = 
         sources = resolve_sources(config, timings)
         if not sources.image_text:
             raise ConfigError("a sweep validates on held-out training pairs: set data.image_text")
-        # the only place encoders may run in a sweep: once per (model, data), caches reused
-        embedded = embed_step(config, sources, timings)
+        # the only place encoders may run in a sweep: once per (model, data), caches reused;
+        # the caption corpus and the training pairs only (trials never read the eval split)
+        embedded = embed_step(config, sources, timings, TEXT_ROLES + PAIR_ROLES)
         encoded = sorted(name for name, r in embedded.items() if not r.reused)
         caches = {name: str(embedded[name].directory) for name in TEXT_ROLES + PAIR_ROLES}
         pairs = {role: cache.read_embeddings(caches[role]) for role in PAIR_ROLES}
         val_keys = choose_validation(pairs, config.sweep.val_fraction, config.seed)
         split = split_pairs(pairs, val_keys)
-        gap = Validator(split.validation, config.eval.ks).reference_gap()
+        gap = Validator(split.validation, config.eval).reference_gap()
         floored = sorted(d for d, g in gap.items() if g < GAIN_FLOOR)
         if floored:
             log.warning("validation split: new->new is not %.1f R@1 points ahead of old->old in "

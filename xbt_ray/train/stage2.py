@@ -208,8 +208,10 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
                  out_dir: Path, seed: int, pair_files: list[str] | None = None,
                  pair_embeddings: tuple[Embeddings, Embeddings] | None = None,
                  text_pairs: tuple[Embeddings, Embeddings] | None = None,
-                 anchor_embeddings: tuple[Embeddings, Embeddings] | None = None) -> dict:
-    """Run stage 2 and export the upgraded query encoder. Returns the summary.
+                 anchor_embeddings: tuple[Embeddings, Embeddings] | None = None,
+                 export_encoder: bool = True) -> dict:
+    """Run stage 2 and export the upgraded query encoder (unless `export_encoder` is off: a
+    sweep trial keeps psi and the adapters only). Returns the summary.
 
     `pair_files`: image-text shards (mode lora). `pair_embeddings`: cached NEW image and text
     embeddings of the pairs (mode psi-only). `text_pairs`: cached (new text, old text) from
@@ -282,10 +284,11 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
         counts = {"rows_in": rows_in, "rows_used": rows_in - sum(skipped.values()),
                   "skipped": skipped}
     weights, info = distributed.load_result_checkpoint(result)
-    return _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir)
+    return _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir, export_encoder)
 
 
-def _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir: Path) -> dict:
+def _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir: Path,
+            export_encoder: bool) -> dict:
     """Write adapters + psi + summary, then merge and export the query encoder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     psi_weights = {k[4:]: v for k, v in weights.items() if k.startswith("psi.")}
@@ -295,22 +298,23 @@ def _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir: Path) ->
     adapters = {k[5:]: v for k, v in weights.items() if k.startswith("clip.")}
     if adapters:
         save_file({k: v.contiguous() for k, v in adapters.items()}, str(out_dir / ADAPTERS))
-    new_model, _ = clip.load_clip(new)
-    if adapters:
-        adapted = lora.add_lora(new_model, lora_cfg)
-        result = adapted.load_state_dict(adapters, strict=False)
-        if result.unexpected_keys or set(adapters) - set(lora.adapter_names(adapted)):
-            raise RuntimeError("stage-2 adapters do not match the LoRA layout")
-        new_model = lora.merged(adapted)
     summary = {"objective": recipe.objective, "mode": recipe.mode, "new_model": asdict(new),
                "lora": asdict(lora_cfg), "old_forward_passes": 0,
                "stage2": asdict(recipe), "data": counts, "trained_tensors": sorted(weights),
                **{k: info.get(k) for k in ("models_built", "base_checksum_start",
                                            "base_checksum_end")}}
-    export_query_encoder(new_model, new.name, psi.eval(), out_dir / QUERY_ENCODER,
-                         info={"objective": recipe.objective, "mode": recipe.mode,
-                               "lora": asdict(lora_cfg)})
+    if export_encoder:
+        new_model, _ = clip.load_clip(new)
+        if adapters:
+            adapted = lora.add_lora(new_model, lora_cfg)
+            result = adapted.load_state_dict(adapters, strict=False)
+            if result.unexpected_keys or set(adapters) - set(lora.adapter_names(adapted)):
+                raise RuntimeError("stage-2 adapters do not match the LoRA layout")
+            new_model = lora.merged(adapted)
+        export_query_encoder(new_model, new.name, psi.eval(), out_dir / QUERY_ENCODER,
+                             info={"objective": recipe.objective, "mode": recipe.mode,
+                                   "lora": asdict(lora_cfg)})
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     log.info("stage 2 done: %d trained tensors, query encoder %s", len(weights),
-             out_dir / QUERY_ENCODER)
+             out_dir / QUERY_ENCODER if export_encoder else "not exported")
     return summary
