@@ -40,6 +40,7 @@ from xbt_ray.config import (Config, ConfigError, EvalConfig, _merge, nest, read_
                             save_config)
 from xbt_ray.data import cache
 from xbt_ray.data.cache import Embeddings
+from xbt_ray.eval.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -554,12 +555,7 @@ def format_leaderboard(rows: list[dict]) -> str:
     body = [[str(i + 1), r["trial"], r["status"] + (" (diverged)" if r["diverged"] else ""),
              _fmt(r[PRIMARY]), r["method"]]
             + [_fmt(r["params"][k]) for k in keys] for i, r in enumerate(rows)]
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return "\n".join(markdown_table(header, body))
 
 
 def _leaderboard_csv(rows: list[dict]) -> str:
@@ -817,9 +813,4 @@ def format_comparison(tables: list[dict]) -> str:
                            "-" if row["cells_passed"] is None
                            else f"{row['cells_passed']}/{len(row['i2t']) + len(row['t2i'])}",
                            num(row["primary"], 3)])
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return "\n".join(markdown_table(header, body))

@@ -56,7 +56,8 @@ def _gain(row, d, m) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """Lines of a markdown table, columns padded to their widest cell."""
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
     def line(cells):
@@ -82,13 +83,13 @@ def format_table(report) -> str:
             for row in rows]
     title = (f"**{report['dataset']}** ({report['protocol']}; {report['n_images']} images, "
              f"{report['n_captions']} captions)")
-    out = [title, ""] + _markdown(header, body)
+    out = [title, ""] + markdown_table(header, body)
 
     flipped = [r for r in rows if "flips" in r]
     if flipped:
         out += ["", "Flip rates at R@1 against old->old (PFR: newly right, NFR: newly wrong, "
                 "% of queries), and how each baseline was fitted:", ""]
-        out += _markdown(["method", "I2T PFR", "I2T NFR", "T2I PFR", "T2I NFR", "fit"],
+        out += markdown_table(["method", "I2T PFR", "I2T NFR", "T2I PFR", "T2I NFR", "fit"],
                          [[r["method"]] + [f"{r['flips'][d][k]:.1f}" for d in DIRECTIONS
                                            for k in ("PFR", "NFR")]
                           + [", ".join(f"{k}={v}" for k, v in r.get("fit", {}).items()) or "-"]
@@ -101,13 +102,13 @@ def format_table(report) -> str:
             body.append([method] + [f"{bf['auc'][d][o]:.1f}" for d in DIRECTIONS
                                     for o in ("random", "distance")]
                         + [f"{bf['r1'][d]['random'][-1]:.1f}" for d in DIRECTIONS])
-        out += _markdown(["method", "I2T AUC random", "I2T AUC distance", "T2I AUC random",
+        out += markdown_table(["method", "I2T AUC random", "I2T AUC distance", "T2I AUC random",
                           "T2I AUC distance", "I2T R1 at 100%", "T2I R1 at 100%"], body)
     costed = [r for r in rows if "cost" in r]
     if costed:
         out += ["", "Cost: old-model forward passes each method needed (training and support "
                 "items only; the gallery is never re-embedded):", ""]
-        out += _markdown(["method", "old forward passes", "needs old enc at query time"],
+        out += markdown_table(["method", "old forward passes", "needs old enc at query time"],
                          [[r["method"], f"{r['cost']['old_forward_passes']:,}",
                            "yes" if r["needs_old_encoder"] else "no"] for r in costed])
         if "full_backfill" in report:
@@ -119,7 +120,7 @@ def format_table(report) -> str:
     if published:
         out += ["", f"Published R@1 on {report['dataset']} ({report['protocol']}, "
                     f"old = CLIP ViT-B/32; from design/method.md):", ""]
-        out += _markdown(["method", "new model", "I2T R1", "T2I R1", "needs old enc", "source"],
+        out += markdown_table(["method", "new model", "I2T R1", "T2I R1", "needs old enc", "source"],
                          [[p["method"], p["new_model"] or "-", p["i2t_R1"], p["t2i_R1"],
                            p["needs_old_encoder"], p["source"]] for p in published])
     return "\n".join(out)
