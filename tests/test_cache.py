@@ -127,14 +127,29 @@ def test_non_finite_values(tmp_path, bad):
     emb[3, 2] = bad
     with pytest.raises(ConfigError, match="non-finite"):
         cache.write_part(tmp_path, 0, keys, ids, emb, _meta())
-    # a file exported by another tool, with valid metadata but a NaN/inf value, is refused on read
+    # a file exported by another tool, with valid metadata but a NaN/inf value: that row is
+    # skipped on read and counted, the others are kept
     path = cache.write_part(tmp_path, 0, keys, ids, np.nan_to_num(emb, posinf=0.0), _meta())
     table = pq.read_table(path)
     flat = emb.astype(np.float16).reshape(-1)
     bad_col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), emb.shape[1])
     pq.write_table(table.set_column(2, "emb", bad_col).replace_schema_metadata(
         table.schema.metadata), path)
-    assert "NaN or inf" in _error(tmp_path)
+    read = cache.read_embeddings(tmp_path)
+    assert read.counts == {"rows_in": len(keys), "rows_used": len(keys) - 1,
+                           "skipped": {"non_finite": 1}}
+    assert keys[3] not in set(read.keys) and len(read.emb) == len(keys) - 1
+
+
+def test_zero_vectors_are_skipped_and_counted(tmp_path):
+    """All-zero rows (a vector store's export of items that failed to embed) would tie with
+    every query: they are skipped and counted, not searched."""
+    keys, ids, emb = _data()
+    emb[[1, 4]] = 0
+    cache.write_part(tmp_path, 0, keys, ids, emb, _meta())
+    read = cache.read_embeddings(tmp_path)
+    assert read.counts["skipped"] == {"zero_vector": 2}
+    assert list(read.keys) == [k for i, k in enumerate(keys) if i not in (1, 4)]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -182,23 +197,3 @@ def test_missing_image_id_falls_back_to_key(tmp_path):
 def _emb(keys, values):
     emb = np.array(values, dtype=np.float32).reshape(len(keys), -1)
     return cache.Embeddings(np.array(keys, dtype=object), np.array(keys, dtype=object), emb, {})
-
-
-def test_align_keeps_a_order_and_shared_keys():
-    a = _emb(["c", "a", "x", "b"], [[3], [1], [9], [2]])
-    b = _emb(["a", "b", "c", "y"], [[10], [20], [30], [40]])
-    keys, ea, eb = cache.align(a, b)
-    assert list(keys) == ["c", "a", "b"]
-    assert ea[:, 0].tolist() == [3, 1, 2]
-    assert eb[:, 0].tolist() == [30, 10, 20]
-
-
-def test_align_identical_order():
-    a = _emb(["a", "b"], [[1, 2], [3, 4]])
-    keys, ea, eb = cache.align(a, a)
-    assert list(keys) == ["a", "b"] and np.array_equal(ea, a.emb) and np.array_equal(eb, a.emb)
-
-
-def test_align_no_shared_keys():
-    with pytest.raises(ConfigError, match="share no keys"):
-        cache.align(_emb(["a"], [[1]]), _emb(["b"], [[1]]))

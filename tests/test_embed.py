@@ -53,7 +53,7 @@ def test_webdataset_images_counted_and_cached(ray_session, tar_shard, model, tmp
     cfg = EmbedConfig(batch_size=4)
     first = embed_shards(shards.list_shards(tar_shard), "image", model, tmp_path, cfg)
     assert not first.reused
-    assert first.counts == {"rows_in": 10, "rows_embedded": 8,
+    assert first.counts == {"rows_in": 10, "rows_embedded": 8, "deduplicated": 0,
                             "skipped": {"undecodable_image": 1, "null_image": 1}}
     table = cache.read_embeddings(first.directory, expect={"model": "xbt-test-old", "dim": 32,
                                                            "modality": "image"})
@@ -69,7 +69,7 @@ def test_webdataset_images_counted_and_cached(ray_session, tar_shard, model, tmp
 def test_webdataset_texts_skip_empty_captions(ray_session, tar_shard, model, tmp_path):
     result = embed_shards(shards.list_shards(tar_shard), "text", model, tmp_path,
                           EmbedConfig(batch_size=4))
-    assert result.counts == {"rows_in": 10, "rows_embedded": 8,
+    assert result.counts == {"rows_in": 10, "rows_embedded": 8, "deduplicated": 0,
                              "skipped": {"null_caption": 1, "empty_caption": 1}}
 
 
@@ -88,6 +88,52 @@ def test_embeddings_match_the_model_run_directly(ray_session, tar_shard, model, 
         x = clip.pixels_to_input(torch.from_numpy(pixels)[None], clip_model.visual.preprocess_cfg)
         direct = clip_model.encode_image(x, normalize=True)[0].numpy()
     np.testing.assert_allclose(table.emb[row], direct, atol=1e-5)
+
+
+def _coco_shard(path, rows):
+    """An img2dataset parquet shard in COCO layout: one row per caption, `image_id` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    colours = {"img-1": (200, 0, 0), "img-2": (0, 200, 0), "img-3": (0, 0, 200)}
+    pq.write_table(pa.table({
+        "key": [k for k, _ in rows], "image_id": [i for _, i in rows],
+        "jpg": [_jpeg(colours[i]) for _, i in rows],
+        "txt": [f"caption {k} of {i}" for k, i in rows]}), path)
+    return str(path)
+
+
+def test_coco_layout_encodes_each_image_once(ray_session, model, tmp_path):
+    """3 images, 7 caption rows over two shards (img-2's captions in both): the image cache
+    holds one row per image, keyed by image id; the caption cache one row per caption."""
+    files = [_coco_shard(tmp_path / "a.parquet", [("c0", "img-1"), ("c1", "img-1"),
+                                                  ("c2", "img-2"), ("c3", "img-1")]),
+             _coco_shard(tmp_path / "b.parquet", [("c4", "img-2"), ("c5", "img-3"),
+                                                  ("c6", "img-2")])]
+    cfg = EmbedConfig(batch_size=4)
+    images = embed_shards(files, "image", model, tmp_path / "cache", cfg)
+    assert images.counts == {"rows_in": 7, "rows_embedded": 3, "deduplicated": 4, "skipped": {}}
+    table = cache.read_embeddings(images.directory)
+    assert sorted(table.keys) == ["img-1", "img-2", "img-3"]
+    assert list(table.keys) == list(table.image_ids)
+    texts = embed_shards(files, "text", model, tmp_path / "cache", cfg)
+    assert texts.counts == {"rows_in": 7, "rows_embedded": 7, "deduplicated": 0, "skipped": {}}
+    captions = cache.read_embeddings(texts.directory)
+    assert dict(zip(captions.keys, captions.image_ids))["c4"] == "img-2"
+
+
+def test_shards_reusing_keys_are_refused_and_not_marked_complete(ray_session, model, tmp_path):
+    """Two download runs that reuse keys: one line, and the cache stays incomplete."""
+    from xbt_ray.config import ConfigError
+
+    files = [_coco_shard(tmp_path / "run1.parquet", [("k0", "img-1"), ("k1", "img-2")]),
+             _coco_shard(tmp_path / "run2.parquet", [("k1", "img-3"), ("k2", "img-3")])]
+    with pytest.raises(ConfigError) as info:
+        embed_shards(files, "text", model, tmp_path / "cache", EmbedConfig(batch_size=4))
+    message = str(info.value)
+    assert "\n" not in message and "1 duplicate keys (e.g. 'k1')" in message
+    assert "run1.parquet" in message
+    assert not list((tmp_path / "cache").rglob(cache.SUCCESS))
 
 
 def test_encoder_threads_default_to_the_actors_cpus():

@@ -1,6 +1,7 @@
 """The CPU stage on real shard files (no Ray): decode, validate, count; shard listing."""
 import io
 import os
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -304,3 +305,187 @@ def test_dataset_fingerprint_tracks_size(tmp_path):
     a.write_bytes(b"12345")               # size back, modification time back: same identity
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert shards.dataset_fingerprint(files) == fp
+
+
+# ---------------------------------------------------------------- decode_image: extreme aspect ratios
+
+
+def _reference_resize_crop(image: Image.Image, size: int) -> np.ndarray:
+    """torchvision's Resize(size) + CenterCrop(size), spelled out on the whole image."""
+    short, long = sorted(image.size)
+    long = int(size * long / short)
+    image = image.resize((size, long) if image.width <= image.height else (long, size),
+                         Image.Resampling.BICUBIC)
+    left, top = int(round((image.width - size) / 2.0)), int(round((image.height - size) / 2.0))
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def _smooth(width: int, height: int) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width]
+    bands = [127 + 100 * np.sin(0.013 * xx + 0.021 * yy + i) for i in range(3)]
+    return Image.fromarray(np.stack(bands, -1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(1, 20_000), (20_000, 1)])
+def test_decode_image_sliver_is_cheap_and_right(shape):
+    # a ~150-byte 1 x 20000 PNG: resizing it whole to 224 on the short side would make
+    # 224 x 4,480,000 pixels (4 GiB); only the centre square is resized. The middle 21 pixels
+    # are green, the rest red: the centre crop sees green only.
+    row = np.zeros((20_000, 3), np.uint8)
+    row[:] = (255, 0, 0)
+    row[9_990:10_011] = (0, 200, 0)
+    image = Image.fromarray(row.reshape((20_000, 1, 3) if shape[0] == 1 else (1, 20_000, 3)))
+    assert image.size == shape
+    data = _png(image)
+    assert len(data) < 1_000 and shape[0] * shape[1] < shards.MAX_IMAGE_PIXELS
+    array, reason = shards.decode_image(data, 224)
+    assert reason == "" and array.shape == (224, 224, 3) and array.dtype == np.uint8
+    assert (array == [0, 200, 0]).all()
+
+
+@pytest.mark.parametrize("width, height, size", [(12, 480, 32), (480, 12, 32), (7, 333, 33),
+                                                 (30, 1_500, 224), (1_500, 30, 224)])
+def test_decode_image_extreme_aspect_matches_resize_then_crop(width, height, size):
+    """Past MAX_RESIZE_ASPECT_RATIO the crop comes from the source region only; on a smooth
+    image it gives what resizing the whole image and cropping gives (to PIL's 8-bit rounding)."""
+    image = _smooth(width, height)
+    assert max(width, height) / min(width, height) > shards.MAX_RESIZE_ASPECT_RATIO
+    array, reason = shards.decode_image(_png(image), size)
+    assert reason == "" and array.shape == (size, size, 3)
+    expected = _reference_resize_crop(image, size).astype(int)
+    assert np.abs(array.astype(int) - expected).max() <= 2
+    assert expected.std() > 20           # not a flat patch: the crop position matters
+
+
+@pytest.mark.parametrize("width, height, size", [(300, 200, 224), (200, 300, 32), (64, 48, 32),
+                                                 (10, 160, 32), (160, 10, 32), (31, 29, 32)])
+def test_decode_image_ordinary_aspect_is_resize_then_crop_exactly(width, height, size):
+    # up to MAX_RESIZE_ASPECT_RATIO (10 x 160 at 32 px: exactly 16) the whole image is resized
+    assert max(width, height) / min(width, height) <= shards.MAX_RESIZE_ASPECT_RATIO
+    rng = np.random.default_rng(width * height)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    array, reason = shards.decode_image(_png(image), size)
+    assert reason == ""
+    assert np.array_equal(array, _reference_resize_crop(image, size))
+
+
+# ---------------------------------------------------------------- webdataset tars (no Ray)
+
+
+def _tar(path, members) -> str:
+    """A tar with `members` in this order: (name, bytes), or (name, None) for a directory."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _samples(path, **kw) -> dict:
+    """{key: (jpg, txt)} of a tar, checking the key order and column types on the way."""
+    import pyarrow as pa
+
+    rows = {}
+    for table in shards.tar_samples(path, **kw):
+        assert table.schema == pa.schema([("key", pa.string()), ("jpg", pa.large_binary()),
+                                          ("txt", pa.large_binary())])
+        for key, jpg, txt in zip(*(table.column(c).to_pylist() for c in ("key", "jpg", "txt"))):
+            assert key not in rows
+            rows[key] = (jpg, txt)
+    return rows
+
+
+def _colour(rgb, fmt="JPEG", size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("000003.jpg", ("000003", "jpg")),
+    ("photo.2023.06.01.jpg", ("photo.2023.06.01", "jpg")),
+    ("photo.2023.06.01.txt", ("photo.2023.06.01", "txt")),
+    ("a.JPG", ("a", "jpg")), ("a.Jpeg", ("a", "jpg")), ("a.png", ("a", "jpg")),
+    ("a.webp", ("a", "jpg")), ("a.bmp", ("a", "jpg")), ("a.gif", ("a", "jpg")),
+    ("a.tif", ("a", "jpg")), ("a.TIFF", ("a", "jpg")), ("a.TXT", ("a", "txt")),
+    ("dir/sub/abc.jpg", ("dir/sub/abc", "jpg")), ("dir.v2/abc.txt", ("dir.v2/abc", "txt")),
+    ("a.json", None), ("a.cls", None), ("a.jpg.json", None), ("README", None),
+    ("dir/.jpg", None), (".txt", None), ("dir.v2/readme", None),
+])
+def test_tar_member_kind(name, expected):
+    assert shards._tar_member_kind(name) == expected
+
+
+def test_tar_keys_with_dots(tmp_path):
+    # webdataset's first-dot rule makes both photos key "photo": 2 rows for 3 samples
+    red, green, blue = _colour((255, 0, 0)), _colour((0, 255, 0)), _colour((0, 0, 255))
+    path = _tar(tmp_path / "dots.tar", [
+        ("photo.2023.06.01.jpg", red), ("photo.2023.06.01.txt", b"a red photo"),
+        ("photo.2023.06.02.jpg", green), ("photo.2023.06.02.txt", b"a green photo"),
+        ("000003.jpg", blue), ("000003.txt", b"a blue photo")])
+    assert _samples(path) == {"photo.2023.06.01": (red, b"a red photo"),
+                              "photo.2023.06.02": (green, b"a green photo"),
+                              "000003": (blue, b"a blue photo")}
+
+
+def test_tar_every_image_extension(tmp_path):
+    formats = {"a.jpeg": "JPEG", "b.png": "PNG", "c.webp": "WEBP", "d.JPG": "JPEG",
+               "e.bmp": "BMP", "f.gif": "GIF", "g.tiff": "TIFF", "h.Tif": "TIFF"}
+    members, expected = [], {}
+    for i, (name, fmt) in enumerate(formats.items()):
+        colour = (30 * i, 255 - 30 * i, 100)
+        image = _colour(colour, fmt, size=(32, 32))
+        caption_name = name.split(".")[0] + (".TXT" if i % 2 else ".txt")
+        members += [(name, image), (caption_name, f"caption {i}".encode())]
+        expected[name.split(".")[0]] = (image, f"caption {i}".encode(), colour, fmt)
+    rows = _samples(_tar(tmp_path / "formats.tar", members))
+    assert rows.keys() == expected.keys()
+    for key, (image, caption, colour, fmt) in expected.items():
+        assert rows[key] == (image, caption), key
+        array, reason = shards.decode_image(rows[key][0], 32)
+        assert reason == "", key
+        tolerance = 40 if fmt in ("JPEG", "WEBP", "GIF") else 0    # lossy / palette formats
+        assert np.abs(array.reshape(-1, 3).mean(0) - colour).max() <= tolerance, (key, fmt)
+
+
+def test_tar_members_not_grouped_by_sample(tmp_path):
+    red, blue = _colour((255, 0, 0)), _colour((0, 0, 255))
+    path = _tar(tmp_path / "scattered.tar", [
+        ("a.jpg", red), ("b.jpg", blue), ("c.txt", b"c first"), ("a.txt", b"red"),
+        ("b.txt", b"blue"), ("c.png", red)])
+    assert _samples(path) == {"a": (red, b"red"), "b": (blue, b"blue"), "c": (red, b"c first")}
+    assert list(_samples(path)) == ["a", "b", "c"]      # order of first member
+
+
+def test_tar_subdirectories_other_members_and_missing_halves(tmp_path):
+    red, blue = _colour((255, 0, 0)), _colour((0, 0, 255))
+    path = _tar(tmp_path / "mixed.tar", [
+        ("dir", None), ("dir/abc.jpg", red), ("dir/abc.txt", b"in dir"), ("dir/abc.json", b"{}"),
+        ("abc.jpg", blue), ("abc.txt", b"at top"), ("abc.cls", b"3"),
+        ("only.json", b"{}"), ("only.cls", b"1"),              # neither image nor text: no row
+        ("no_image.txt", b"a caption without an image"),
+        ("no_caption.jpg", red),
+        ("twice.jpg", red), ("twice.png", blue), ("twice.txt", b"first image kept")])
+    assert _samples(path) == {
+        "dir/abc": (red, b"in dir"), "abc": (blue, b"at top"),
+        "no_image": (None, b"a caption without an image"), "no_caption": (red, None),
+        "twice": (red, b"first image kept")}
+    assert shards.decode_image(None, 32) == (None, "null_image")
+    assert shards.check_caption(None) == (None, "null_caption")
+
+
+def test_tar_samples_come_in_blocks(tmp_path):
+    path = _tar(tmp_path / "blocks.tar",
+                [(f"{i:03d}.{ext}", b"x" * 10) for i in range(5) for ext in ("jpg", "txt")])
+    assert [t.num_rows for t in shards.tar_samples(path, block_rows=2)] == [2, 2, 1]
+    assert [t.num_rows for t in shards.tar_samples(path, block_bytes=45)] == [3, 2]
+    assert list(_samples(path, block_rows=2)) == [f"{i:03d}" for i in range(5)]
+
+
+def test_tar_without_samples(tmp_path):
+    assert _samples(_tar(tmp_path / "empty.tar", [("notes.md", b"hi")])) == {}

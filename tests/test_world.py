@@ -34,8 +34,8 @@ def test_deterministic(built, tmp_path):
     out, manifest = built
     again = world.build_world(TINY, tmp_path)
     assert again == manifest
-    files = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
-    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     for f in files:
         assert (out / f).read_bytes() == (tmp_path / f).read_bytes(), f
 
@@ -65,7 +65,8 @@ def test_streams_are_independent(built, tmp_path):
     out, _ = built
     world.build_world(dataclasses.replace(TINY, n_train_images=90), tmp_path)
     assert _read(tmp_path / "text") == _read(out / "text")
-    assert _read(tmp_path / "eval" / "images") == _read(out / "eval" / "images")
+    for f in [out / "eval" / world.EVAL_ANNOTATIONS, *(out / "eval" / "images").iterdir()]:
+        assert (tmp_path / f.relative_to(out)).read_bytes() == f.read_bytes(), f
 
 
 def test_counts_and_shards(built):
@@ -73,7 +74,7 @@ def test_counts_and_shards(built):
     assert manifest["fingerprint"] == world.world_fingerprint(TINY)
     assert manifest["config"] == dataclasses.asdict(TINY)
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    expected = {"image_text": (60, 3), "text": (50, 2), "eval/images": (10, 1)}
+    expected = {"image_text": (60, 3), "text": (50, 2)}
     for split, (n_rows, n_shards) in expected.items():
         shards = sorted((out / split).glob("part-*.parquet"))
         assert [s.name for s in shards] == [f"part-{i:05d}.parquet" for i in range(n_shards)]
@@ -82,6 +83,11 @@ def test_counts_and_shards(built):
         assert len(keys) == n_rows == len(set(keys))
     assert manifest["counts"] == {"image_text": 60, "text": 50, "eval_images": 10,
                                   "eval_captions": 50}
+    assert manifest["shards"] == {"image_text": 3, "text": 2}
+    assert manifest["eval"] == {"annotations": "eval/dataset_demo.json", "images": "eval/images",
+                                "format": "karpathy", "split": "test", "protocol": "standard"}
+    assert sorted(p.name for p in (out / "eval" / "images").iterdir()) == [
+        f"eval-{i:06d}.jpg" for i in range(10)]
     schema = pq.read_schema(out / "image_text" / "part-00000.parquet")
     assert schema.names == ["key", "jpg", "txt", "status", "error_message", "width", "height",
                             "image_id"]
@@ -140,18 +146,61 @@ def test_vocabulary_is_unambiguous():
     assert len(words) == len(set(words))
 
 
-def test_eval_captions(built):
+def test_heldout_is_a_karpathy_file_with_jpegs(built):
+    """eval/: Flickr30k's layout, every image in the "test" split, several distinct captions."""
     out, _ = built
-    images = _read(out / "eval" / "images")
-    captions = pq.read_table(out / "eval" / "captions.parquet").to_pylist()
-    assert all(r["jpg"] and r["txt"] for r in images)
-    keys = [r["key"] for r in captions]
-    assert len(keys) == len(set(keys)) == TINY.n_eval_images * TINY.captions_per_eval_image
-    by_image = {}
-    for r in captions:
-        by_image.setdefault(r["image_id"], []).append(r["txt"])
-    assert set(by_image) == {r["key"] for r in images}
-    for r in images:
-        texts = by_image[r["key"]]
-        assert len(texts) == TINY.captions_per_eval_image and texts[0] == r["txt"]
-        assert len(set(texts)) > 1
+    doc = json.loads((out / "eval" / "dataset_demo.json").read_text())
+    assert doc["dataset"] == "demo"
+    images = doc["images"]
+    assert [im["imgid"] for im in images] == list(range(TINY.n_eval_images))
+    sentids = []
+    for im in images:
+        assert im["split"] == "test" and im["filename"] == f"eval-{im['imgid']:06d}.jpg"
+        with Image.open(out / "eval" / "images" / im["filename"]) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert image.size == (TINY.image_size,) * 2
+        texts = [s["raw"] for s in im["sentences"]]
+        assert len(texts) == TINY.captions_per_eval_image and len(set(texts)) > 1
+        assert all(s["imgid"] == im["imgid"] for s in im["sentences"])
+        assert [s["sentid"] for s in im["sentences"]] == im["sentids"]
+        sentids += im["sentids"]
+        for s in im["sentences"]:
+            assert s["tokens"] == re.findall(r"[a-z0-9]+", s["raw"].lower()) and s["tokens"]
+    assert sentids == list(range(TINY.n_eval_images * TINY.captions_per_eval_image))
+
+
+def test_demo_eval_split_is_prepared_by_the_karpathy_loader(built, tmp_path):
+    """demo_eval_split = `xbt eval-data --format karpathy` on eval/: every held-out image and
+    caption, reused when prepared, prepared again when the world has moved."""
+    import shutil
+
+    from xbt_ray.data import eval_sets
+
+    out = shutil.copytree(built[0], tmp_path / "world")  # the shared world stays as built
+    split = eval_sets.demo_eval_split(out)
+    assert split == out / "eval_split"
+    doc = json.loads((split / "manifest.json").read_text())
+    assert (doc["dataset"], doc["protocol"]) == ("demo", "standard")
+    assert doc["selected"] == {"images": 10, "captions": 50}
+    assert (doc["images"], doc["captions"]) == (10, 50)
+    assert doc["skipped"] == {"images": {}, "captions": {}}
+    assert doc["source"]["format"] == "karpathy"
+    images, captions = _read(split / "images"), pq.read_table(split / "captions.parquet").to_pylist()
+    heldout = json.loads((out / "eval" / "dataset_demo.json").read_text())["images"]
+    assert [r["key"] for r in images] == [f"demo-{im['imgid']}" for im in heldout]
+    for r, im in zip(images, heldout):
+        assert r["jpg"] == (out / "eval" / "images" / im["filename"]).read_bytes()
+        assert r["image_id"] == r["key"] and r["txt"] == im["sentences"][0]["raw"]
+        assert [c["txt"] for c in captions if c["image_id"] == r["key"]] == [
+            s["raw"] for s in im["sentences"]]
+    assert {c["image_id"] for c in captions} == {r["key"] for r in images}
+
+    stamp = (split / "captions.parquet").stat().st_mtime_ns
+    assert eval_sets.demo_eval_split(out) == split
+    assert (split / "captions.parquet").stat().st_mtime_ns == stamp  # reused
+
+    moved = shutil.copytree(out, tmp_path / "moved")
+    again = eval_sets.demo_eval_split(moved)
+    assert json.loads((again / "manifest.json").read_text())["source"]["annotations"] == str(
+        (moved / "eval" / "dataset_demo.json").resolve())
+    assert _read(again / "images") == images

@@ -9,8 +9,9 @@ embeddings exported from a vector store in this format (see `write_embeddings`).
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +20,38 @@ import pyarrow.parquet as pq
 
 from xbt_ray.config import ConfigError
 
+log = logging.getLogger(__name__)
 META_FIELDS = ("model", "pretrained", "dim", "normalized", "dataset", "modality")
 SUCCESS = "_SUCCESS.json"
 
 
 @dataclass
 class Embeddings:
-    keys: np.ndarray        # (N,) str
-    image_ids: np.ndarray   # (N,) str
+    """Rows of one embedding set. Ids are str (an int64 id 42 reads as "42")."""
+
+    keys: np.ndarray        # (N,) object array of str: unique row ids
+    image_ids: np.ndarray   # (N,) object array of str: the image a row shows or describes
     emb: np.ndarray         # (N, dim) float32
     meta: dict
+    source: str = ""        # where the rows came from (a directory), for error messages
+    counts: dict = field(default_factory=dict)  # read counts: rows_in, rows_used, skipped
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def take(self, rows: np.ndarray) -> "Embeddings":
+        """The rows at integer indices `rows`, in that order."""
+        return Embeddings(self.keys[rows], self.image_ids[rows], self.emb[rows], self.meta,
+                          self.source, self.counts)
+
+
+def as_ids(values) -> np.ndarray:
+    """Ids as an object array of str, whatever their stored type (int64, bytes, str)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu":
+        return values.astype(str).astype(object)
+    return np.array([v.decode() if isinstance(v, bytes) else None if v is None else str(v)
+                     for v in values], dtype=object)
 
 
 def cache_path(root: str | Path, model_fp: str, dataset_fp: str, modality: str) -> Path:
@@ -111,17 +131,20 @@ def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embedd
 
     `expect` maps metadata fields to required values; any mismatch is a one-line ConfigError, as
     are a malformed file, a null embedding, a null or duplicate key, or a row count that differs
-    from the one `_SUCCESS.json` recorded.
+    from the one `_SUCCESS.json` recorded. Rows whose vector is all zeros (how some vector
+    stores export items that failed to embed) or holds NaN/inf cannot be searched: they are
+    skipped and counted (`zero_vector`, `non_finite`) in the result's `counts` and logged.
+    Ids are returned as str, whatever their stored type.
     """
     directory = Path(directory)
     files = sorted(directory.glob("part-*.parquet"))
     if not files:
         raise ConfigError(f"no embedding files (part-*.parquet) in {directory}")
     meta = read_meta(files[0])
-    for field, wanted in (expect or {}).items():
-        if meta.get(field) != wanted:
-            raise ConfigError(f"embedding cache {directory} has {field}={meta.get(field)!r}, "
-                              f"expected {wanted!r}")
+    for field_name, wanted in (expect or {}).items():
+        if meta.get(field_name) != wanted:
+            raise ConfigError(f"embedding cache {directory} has {field_name}="
+                              f"{meta.get(field_name)!r}, expected {wanted!r}")
     keys, image_ids, embs = [], [], []
     for f in files:
         if read_meta(f) != meta:
@@ -144,20 +167,27 @@ def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embedd
         if dim != meta["dim"]:
             raise ConfigError(f"embedding file {f} has dim {dim}, metadata says {meta['dim']}")
         emb = emb_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-        if not np.isfinite(emb).all():
-            raise ConfigError(f"embedding file {f} contains NaN or inf values")
-        keys.append(table.column("key").to_numpy(zero_copy_only=False))
+        keys.append(as_ids(table.column("key").to_numpy(zero_copy_only=False)))
         ids = table.column("image_id") if "image_id" in table.column_names else table.column("key")
-        image_ids.append(ids.to_numpy(zero_copy_only=False))
+        image_ids.append(as_ids(ids.to_numpy(zero_copy_only=False)))
         embs.append(emb)
-    result = Embeddings(np.concatenate(keys).astype(object),
-                        np.concatenate(image_ids).astype(object), np.concatenate(embs), meta)
-    check_keys(result.keys, f"embedding cache {directory}")
+    keys, image_ids, emb = np.concatenate(keys), np.concatenate(image_ids), np.concatenate(embs)
+    check_keys(keys, f"embedding cache {directory}")
     counts = completed_counts(directory)
-    if counts is not None and counts.get("rows_embedded", len(result)) != len(result):
-        raise ConfigError(f"embedding cache {directory} holds {len(result)} rows but its {SUCCESS} "
+    if counts is not None and counts.get("rows_embedded", len(keys)) != len(keys):
+        raise ConfigError(f"embedding cache {directory} holds {len(keys)} rows but its {SUCCESS} "
                           f"says {counts['rows_embedded']}: parts were added or removed")
-    return result
+    finite = np.isfinite(emb).all(axis=1)
+    nonzero = np.abs(np.where(finite[:, None], emb, 0)).max(axis=1, initial=0) > 0
+    usable = finite & nonzero
+    skipped = {r: int(n) for r, n in (("non_finite", (~finite).sum()),
+                                      ("zero_vector", (finite & ~nonzero).sum())) if n}
+    if skipped:
+        log.warning("embedding cache %s: skipped %s of %d rows (unsearchable vectors)",
+                    directory, skipped, len(keys))
+    read_counts = {"rows_in": int(len(keys)), "rows_used": int(usable.sum()), "skipped": skipped}
+    return Embeddings(keys[usable], image_ids[usable], emb[usable], meta, str(directory),
+                      read_counts)
 
 
 def _one_line(error: Exception) -> str:
@@ -174,15 +204,3 @@ def check_keys(keys: np.ndarray, where: str) -> None:
         repeated = [k for k, n in Counter(keys).items() if n > 1]
         raise ConfigError(f"{where} has {len(repeated)} duplicate keys (e.g. {repeated[0]!r}); "
                           "keys must be unique, deduplicate the source shards")
-
-
-def align(a: Embeddings, b: Embeddings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of a and b that share a key, in a's order: (keys, a_emb, b_emb)."""
-    check_keys(a.keys, "the first embedding set")
-    check_keys(b.keys, "the second embedding set")
-    index = {k: i for i, k in enumerate(b.keys)}
-    rows = [(i, index[k]) for i, k in enumerate(a.keys) if k in index]
-    if not rows:
-        raise ConfigError("the two embedding sets share no keys")
-    ia, ib = (np.array(x) for x in zip(*rows))
-    return a.keys[ia], a.emb[ia], b.emb[ib]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xbt_ray.config import EmbedConfig, ModelConfig
+from xbt_ray.config import ConfigError, EmbedConfig, ModelConfig
 from xbt_ray.data import cache, shards
 from xbt_ray.models import clip
 from xbt_ray.models.query_encoder import encoder_identity, load_encoder
@@ -89,8 +89,11 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
     for stale in directory.glob("part-*.parquet"):
         stale.unlink()
 
+    deduplicated = 0
     if modality == "image":
         ds = shards.read_rows(files, ["key", "image_id", "jpg"])
+        if has_image_ids(files):
+            ds, deduplicated = one_row_per_image(ds)
         ds = ds.map_batches(shards.decode_images, fn_kwargs={"size": clip.image_size(model.name)},
                             batch_size=cfg.batch_size, num_cpus=shards.CPU_STAGE_NUM_CPUS)
     else:
@@ -123,9 +126,66 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
                              batch["emb"][valid], meta, cfg.dtype)
             part += 1
             rows_out += int(valid.sum())
-    counts = {"rows_in": rows_in, "rows_embedded": rows_out, "skipped": dict(skipped)}
-    assert rows_in == rows_out + sum(skipped.values())
+    rows_in += deduplicated
+    counts = {"rows_in": rows_in, "rows_embedded": rows_out, "deduplicated": deduplicated,
+              "skipped": dict(skipped)}
+    assert rows_in == rows_out + deduplicated + sum(skipped.values())
+    refuse_duplicate_keys(directory, files)
     cache.mark_complete(directory, counts)
-    log.info("embedded %s/%s with %s: rows in %d = embedded %d + skipped %d %s", modality,
-             dataset_fp, model.name, rows_in, rows_out, sum(skipped.values()), dict(skipped))
+    log.info("embedded %s/%s with %s: rows in %d = embedded %d + deduplicated %d (rows of an "
+             "image already embedded) + skipped %d %s", modality, dataset_fp, model.name,
+             rows_in, rows_out, deduplicated, sum(skipped.values()), dict(skipped))
     return EmbedResult(directory, counts, reused=False)
+
+
+def has_image_ids(files: list[str]) -> bool:
+    """Whether the shards carry an `image_id` column (COCO / Flickr layout), read from the first
+    parquet footer; webdataset tars and LAION-layout parquet have one image per row."""
+    import pyarrow.parquet as pq
+
+    return files[0].endswith(".parquet") and "image_id" in pq.read_schema(files[0]).names
+
+
+def one_row_per_image(ds):
+    """Image-text rows -> one row per image id, so each image is decoded and encoded once
+    (COCO / Flickr layout: one row per caption, several rows per image). The row's key becomes
+    the image id, which is what caption rows name in their `image_id`. Returns (dataset, rows
+    deduplicated); the dataset is materialised (the count needs the grouping to have run)."""
+    grouped = ds.groupby("image_id").map_groups(_first_image, batch_format="pyarrow").materialize()
+    rows = grouped.sum("rows") or 0
+    return grouped.drop_columns(["rows"]), int(rows) - grouped.count()
+
+
+def _first_image(group):
+    """map_groups UDF: the group's first row with image bytes (else its first row), keyed by
+    the image id, with the group's row count."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    present = pc.is_valid(group.column("jpg")).to_numpy(zero_copy_only=False)
+    first = int(present.argmax()) if present.any() else 0
+    image_id = group.column("image_id")[first]
+    return pa.table({"key": pa.array([image_id.as_py()], pa.string()),
+                     "image_id": pa.array([image_id.as_py()], pa.string()),
+                     "jpg": group.column("jpg").slice(first, 1),
+                     "rows": pa.array([len(group)], pa.int64())})
+
+
+def refuse_duplicate_keys(directory: Path, files: list[str]) -> None:
+    """A cache with a repeated key (e.g. two download runs that reuse keys) is never marked
+    complete: one-line ConfigError. Checked with Ray Data over the written key column."""
+    import ray.data
+
+    written = sorted(str(p) for p in directory.glob("part-*.parquet"))
+    if not written:
+        return
+    repeated = (ray.data.read_parquet(written, columns=["key"]).groupby("key").count()
+                .filter(lambda row: row["count()"] > 1))
+    sample = repeated.take(1)
+    if sample:
+        n = repeated.count()
+        shown = ", ".join(Path(f).name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise ConfigError(
+            f"shards {shown} ({len(files)} files) hold {n} duplicate keys (e.g. "
+            f"{sample[0]['key']!r}), e.g. two download runs that reuse keys; keys must be unique "
+            f"across shards: deduplicate or re-key them. {directory} is left incomplete")

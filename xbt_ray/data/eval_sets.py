@@ -11,6 +11,8 @@ Sources (`fmt`) and their protocols:
   "standard" = "large-scale" = every image of the file.
 - "manifest": parquet or JSONL rows (image path OR image_bytes, caption, image_id; several rows
   per image_id = several captions). Protocol "all".
+The demo world's held-out split (JPEGs and a Karpathy JSON) goes through the same "karpathy"
+path: `demo_eval_split`.
 
 Nothing is lost silently. An image that is missing, unreadable, undecodable, too large or has no
 usable caption is skipped and counted by reason, and so are its captions ("image_skipped");
@@ -40,8 +42,9 @@ from xbt_ray.data.world import CAPTION_SCHEMA, IMAGE_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when what gets written changes: it is part of the reuse check
+VERSION = 2  # bump when what gets written changes: it is part of the reuse check
 MAX_IMAGE_PIXELS = 64_000_000  # same guard as shards.MAX_IMAGE_PIXELS (embedding would skip)
+EXIF_ORIENTATION = 0x0112  # width and height are recorded as a viewer shows the image
 PROTOCOLS = {
     "karpathy": ("standard", "large-scale"),
     "nocaps": ("standard", "large-scale"),
@@ -178,7 +181,8 @@ def clean_caption(text) -> str | None:
 
 
 def read_image(image: Path | bytes | None) -> tuple[bytes | None, int, int, str]:
-    """(bytes as they are, width, height, "") for a decodable image, else (None, 0, 0, reason)."""
+    """(bytes as they are, width, height, "") for a decodable image, else (None, 0, 0, reason).
+    Width and height are as the image is shown: swapped when its EXIF Orientation turns it."""
     if image is None:
         return None, 0, 0, "no_image"
     if isinstance(image, Path):
@@ -193,7 +197,10 @@ def read_image(image: Path | bytes | None) -> tuple[bytes | None, int, int, str]
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 return None, 0, 0, "image_too_large"
             img.load()
-            return image, img.width, img.height, ""
+            width, height = img.size
+            if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # shown turned by 90 degrees
+                width, height = height, width
+            return image, width, height, ""
     except Image.DecompressionBombError:
         return None, 0, 0, "image_too_large"
     except Exception:  # PIL raises many types for bad bytes; all mean the same here
@@ -313,3 +320,35 @@ def prepare_eval_split(fmt: str, annotations, image_root, protocol: str, out_dir
     log.info("eval split %s/%s: %d images, %d captions, skipped %s", name, protocol,
              manifest["images"], manifest["captions"], manifest["skipped"])
     return manifest
+
+
+DEMO_SPLIT_DIR = "eval_split"
+
+
+def demo_eval_split(world_dir) -> Path:
+    """The demo world's evaluation split, prepared from its held-out JPEGs and Karpathy JSON by
+    `prepare_eval_split("karpathy", ...)` (what `xbt eval-data` runs on Flickr30k or COCO) into
+    world_dir/eval_split/ (images/part-*.parquet, captions.parquet, manifest.json); returns it.
+
+    Reused when already prepared. A split prepared where the world used to be (the cache moved or
+    was copied: its recorded source paths differ) is prepared again.
+    """
+    from xbt_ray.data.world import EVAL_ANNOTATIONS, EVAL_PROTOCOL
+
+    world_dir = Path(world_dir)
+    try:
+        config = json.loads((world_dir / "manifest.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise ConfigError(f"{world_dir} is not a built demo world (no manifest.json)") from None
+    out = world_dir / DEMO_SPLIT_DIR
+    args = ("karpathy", world_dir / "eval" / EVAL_ANNOTATIONS, world_dir / "eval" / "images",
+            EVAL_PROTOCOL, out)
+    try:
+        prepare_eval_split(*args, rows_per_shard=config["rows_per_shard"])
+    except ConfigError:
+        if not out.is_dir():
+            raise
+        log.info("demo eval split %s was prepared elsewhere: preparing it again", out)
+        shutil.rmtree(out)
+        prepare_eval_split(*args, rows_per_shard=config["rows_per_shard"])
+    return out

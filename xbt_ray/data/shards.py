@@ -1,9 +1,10 @@
 """LAION-style shards read with Ray Data, and the CPU stage that decodes and validates rows.
 
 Sources are img2dataset parquet (`key`, `jpg` bytes, `txt`, `status`, ...) or webdataset tars
-(`<key>.jpg`, `<key>.txt`). Raw bytes travel through the read; decoding happens in a CPU stage
-(`decode_images`, `prepare_texts`) that never drops a row: a bad row is kept with a non-empty
-`skip_reason`, so whoever consumes the stream can count it (rows in = rows used + rows skipped).
+(`<key>.jpg`, `<key>.txt`, read by `tar_samples`). Raw bytes travel through the read; decoding
+happens in a CPU stage (`decode_images`, `prepare_texts`) that never drops a row: a bad row is kept
+with a non-empty `skip_reason`, so whoever consumes the stream can count it (rows in = rows used +
+rows skipped).
 """
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ from xbt_ray.config import ConfigError
 # Decompression-bomb guard: refuse images whose pixel count exceeds this.
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Beyond this ratio of long to short side, `decode_image` resizes only the centre square of the
+# source (resizing the whole image would make size x size*ratio pixels: 224 x 4.5 M for 1 x 20000)
+MAX_RESIZE_ASPECT_RATIO = 16
+# Members of a webdataset tar, by extension (any case): the sample's image, its caption; others
+# (json, cls, ...) are ignored
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+TEXT_EXTENSIONS = frozenset({"txt"})
+# Rows / bytes of one block yielded while reading a tar
+TAR_BLOCK_ROWS = 256
+TAR_BLOCK_BYTES = 64 << 20
 # Ray CPUs per task of the CPU stages (decode / tokenise): light next to the encoder, so that on
 # a small machine they fit beside encoder actors that take the rest
 CPU_STAGE_NUM_CPUS = 0.5
@@ -56,16 +67,20 @@ def dataset_fingerprint(files: list[str]) -> str:
 def read_rows(files: list[str], columns: list[str]):
     """A Ray Dataset with the requested columns of `key, image_id, jpg, txt` (raw values).
 
+    `files`: parquet shards or webdataset tars (not mixed; as `list_shards` returns them).
     `image_id` defaults to `key` when the shards have none (one caption per image). `txt` arrives
     as bytes, so that a caption that is not valid UTF-8 is a skipped row, not a failed job.
     Parquet shards must agree on the requested columns and their types (one-line ConfigError).
+    Tars are read with `tar_samples` (all columns, whatever `columns` asks).
     """
     import ray.data
 
     if files[0].endswith(".tar"):
-        ds = ray.data.read_webdataset(files, decoder=None).map_batches(
-            _webdataset_columns, batch_format="pyarrow"
-        )
+        # Our own tar reader, not read_webdataset: that one keys a sample by everything before the
+        # first dot of the name, knows `jpg` only (case-sensitive), and fails on a tar whose
+        # members are not grouped by sample. One task per tar, rows yielded in blocks as read.
+        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        ds = ds.map_batches(_read_tars, batch_size=1, batch_format="numpy")
     else:
         ds = ray.data.read_parquet(files, columns=_parquet_columns(files, columns))
     # batch_size=None: one block per call, so blocks are never concatenated before this
@@ -108,14 +123,75 @@ def _parquet_columns(files: list[str], columns: list[str]) -> list[str]:
     return [c for c in columns if c in first]
 
 
-def _webdataset_columns(table):
+def _tar_member_kind(name: str) -> tuple[str, str] | None:
+    """(key, "jpg" | "txt") of a tar member name, or None for a member that is neither.
+
+    The extension is split at the LAST dot, so `photo.2023.06.01.jpg` is key `photo.2023.06.01`
+    (webdataset's own rule, the first dot, would make it `photo`); the key keeps the directory
+    (`dir/abc.jpg` -> `dir/abc`). Extensions match in any case (`.JPG`, `.TXT`).
+    """
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or stem.endswith("/"):
+        return None
+    ext = ext.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return stem, "jpg"
+    if ext in TEXT_EXTENSIONS:
+        return stem, "txt"
+    return None
+
+
+def tar_samples(path: str, block_rows: int = TAR_BLOCK_ROWS, block_bytes: int = TAR_BLOCK_BYTES):
+    """The samples of a webdataset tar, as pyarrow tables `key` (string), `jpg`, `txt` (bytes).
+
+    Accepts a local tar (plain, or compressed as tarfile reads it) whose members are
+    `<key>.<image extension>` (jpg jpeg png webp bmp gif tif tiff) and `<key>.txt`, in any case
+    and in any order: members are grouped by key within the tar, whether or not they are next to
+    each other (`_tar_member_kind` says how a name splits). Other members (json, cls,
+    directories, links) are ignored. A key with no image member has a null `jpg` (a `null_image`
+    row in the CPU stage), one with no caption a null `txt`; of two images (or captions) of one key
+    the first in the tar is taken. Samples come in order of their first member, in tables of at
+    most `block_rows` rows (and about `block_bytes` bytes), so rows stream: only the member
+    headers of the tar and one block are held at a time.
+
+    Raises what `tarfile` raises for a file that is not a tar (`tarfile.ReadError`) or a member cut
+    short (`tarfile.ReadError`), and OSError for a file that cannot be read.
+    """
+    import tarfile
+
     import pyarrow as pa
 
-    names = table.column_names
-    out = {"key": table.column("__key__")}
-    out["jpg"] = table.column("jpg") if "jpg" in names else pa.nulls(len(table), pa.binary())
-    out["txt"] = table.column("txt") if "txt" in names else pa.nulls(len(table), pa.binary())
-    return pa.table(out)
+    def table(rows):
+        return pa.table({"key": pa.array([r[0] for r in rows], pa.string()),
+                         "jpg": pa.array([r[1] for r in rows], pa.large_binary()),
+                         "txt": pa.array([r[2] for r in rows], pa.large_binary())})
+
+    with tarfile.open(path, "r:*") as tar:
+        # pass 1: headers only (tarfile seeks past member data) -> members of each key, in order
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in tar:
+            kind = _tar_member_kind(member.name) if member.isfile() else None
+            if kind is not None:
+                samples.setdefault(kind[0], {}).setdefault(kind[1], member)
+        tar.members = []          # the index lives in `samples`; tarfile need not keep its own
+        # pass 2: read each sample's members; sequential reads for a tar grouped by sample
+        rows, size = [], 0
+        for key, members in samples.items():
+            values = [tar.extractfile(members[c]).read() if c in members else None
+                      for c in ("jpg", "txt")]
+            rows.append((key, *values))
+            size += sum(len(v) for v in values if v is not None)
+            if len(rows) >= block_rows or size >= block_bytes:
+                yield table(rows)
+                rows, size = [], 0
+        if rows:
+            yield table(rows)
+
+
+def _read_tars(batch: dict):
+    """Ray Data batch UDF: tar paths in (`path`) -> their samples out, block by block."""
+    for path in batch["path"]:
+        yield from tar_samples(str(path))
 
 
 def _raw_columns(table):
@@ -139,8 +215,13 @@ def _raw_columns(table):
 def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
     """Raw bytes -> (uint8 array size x size x 3, "") or (None, skip reason).
 
-    Resize of the shortest side (bicubic) and centre crop, as open_clip's eval transform;
-    normalisation happens in the encoder, which knows its model's mean and std.
+    Accepts encoded image bytes in any format PIL reads (None or NaN is `null_image`). Resize of
+    the shortest side (bicubic) and centre crop, as open_clip's eval transform; normalisation
+    happens in the encoder, which knows its model's mean and std. An image more than
+    MAX_RESIZE_ASPECT_RATIO times longer than wide (or wider than long) has only the source region
+    under the centre crop resized, so a 1 x 20000 sliver costs size x size pixels, not
+    size x size*20000. Raises nothing for bad bytes: the reason names them (`empty_image`,
+    `undecodable_image`, `image_too_large` past MAX_IMAGE_PIXELS).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):  # None, or NaN from a missing member
         return None, "null_image"
@@ -151,6 +232,8 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 return None, "image_too_large"
             img.load()
+            from PIL import ImageOps   # EXIF Orientation: the pixels as a viewer shows them
+            ImageOps.exif_transpose(img, in_place=True)
             if img.mode.startswith("I"):   # 16-bit greyscale: PIL's convert would clip, not scale
                 img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
             img = img.convert("RGB")
@@ -162,11 +245,26 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
     short, long = sorted((img.width, img.height))
     if short != size:
         long = int(size * long / short)
+        if long > MAX_RESIZE_ASPECT_RATIO * size:
+            return _resize_centre(img, size, long), ""
         img = img.resize((size, long) if img.width <= img.height else (long, size),
                          Image.Resampling.BICUBIC)
     left, top = int(round((img.width - size) / 2.0)), int(round((img.height - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8), ""
+
+
+def _resize_centre(img: Image.Image, size: int, long: int) -> np.ndarray:
+    """Resize of `img` to `long` on its long side, then centre crop `size` x `size`, computed on
+    the source region under the crop only (PIL's resize `box`: the full resize's scale and sample
+    positions, the bicubic kernel still reading the pixels around the box), so it costs
+    size x size output pixels. Equal to resize-then-crop up to 8-bit rounding between PIL's two
+    passes (a few grey levels, and only where the kernel overshoots, as on noise)."""
+    offset = int(round((long - size) / 2.0))
+    scale = max(img.width, img.height) / long
+    lo, hi = offset * scale, (offset + size) * scale
+    box = (lo, 0, hi, img.height) if img.width > img.height else (0, lo, img.width, hi)
+    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
 
 
 def check_caption(txt) -> tuple[str | None, str]:

@@ -5,7 +5,9 @@ background. `render` draws it with PIL; `caption` describes it with varied templ
 always naming every object's shape and colour (size and position are sometimes left out).
 `build_world` writes what the real pipeline reads: img2dataset-style parquet shards of image-text
 pairs (a known share of them broken on purpose), a text-only caption corpus, and a held-out split
-with several captions per image, plus a manifest.
+with several captions per image, plus a manifest. The held-out split is laid out as a public
+benchmark ships (JPEG files and a Karpathy-format JSON), so the pipeline prepares it with the
+same code as Flickr30k or COCO (`eval_sets.demo_eval_split`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from xbt_ray.config import WorldConfig
 
-RECIPE_VERSION = 1  # bump when drawing or caption code changes: it is part of the fingerprint
+RECIPE_VERSION = 2  # bump when drawing or caption code changes: it is part of the fingerprint
 BROKEN_KINDS = ("undecodable", "null_image", "empty_caption")
 
 # -----------------------------------------------------------------------------
@@ -305,27 +308,18 @@ def build_world(cfg: WorldConfig, out_dir: Path) -> dict:
             for i in range(cfg.n_text_captions)]
     n_text_shards = _write_shards(rows, TEXT_SCHEMA, out_dir / "text", cfg.rows_per_shard)
 
-    # held-out images with several captions each
-    rng = _rng(cfg, "eval")
-    image_rows, caption_rows = [], []
-    for i in range(cfg.n_eval_images):
-        scene, key = draw_scene(rng, cfg), f"eval-{i:06d}"
-        captions = distinct_captions(scene, rng, cfg.captions_per_eval_image)
-        image_rows.append(_image_row(key, encode_jpeg(render(scene, size)), captions[0], size))
-        caption_rows += [{"key": f"{key}-{j}", "image_id": key, "txt": text}
-                         for j, text in enumerate(captions)]
-    n_eval_shards = _write_shards(image_rows, IMAGE_SCHEMA, out_dir / "eval" / "images",
-                                  cfg.rows_per_shard)
-    pq.write_table(pa.Table.from_pylist(caption_rows, schema=CAPTION_SCHEMA),
-                   out_dir / "eval" / "captions.parquet")
+    # held-out images with several captions each, laid out as Flickr30k is: JPEG files and a
+    # Karpathy-format JSON (eval_sets.demo_eval_split turns them into the pipeline's split)
+    n_eval_captions = write_heldout(cfg, out_dir / "eval")
 
     manifest = {
         "fingerprint": world_fingerprint(cfg),
         "recipe_version": RECIPE_VERSION,
         "counts": {"image_text": cfg.n_train_images, "text": cfg.n_text_captions,
-                   "eval_images": cfg.n_eval_images, "eval_captions": len(caption_rows)},
-        "shards": {"image_text": n_image_text_shards, "text": n_text_shards,
-                   "eval_images": n_eval_shards},
+                   "eval_images": cfg.n_eval_images, "eval_captions": n_eval_captions},
+        "shards": {"image_text": n_image_text_shards, "text": n_text_shards},
+        "eval": {"annotations": f"eval/{EVAL_ANNOTATIONS}", "images": "eval/images",
+                 "format": "karpathy", "split": EVAL_SPLIT, "protocol": EVAL_PROTOCOL},
         "broken": {kind: sum(k == kind for k in broken.values()) for kind in BROKEN_KINDS},
         "broken_keys": {kind: [f"{i:09d}" for i, k in sorted(broken.items()) if k == kind]
                         for kind in BROKEN_KINDS},
@@ -333,3 +327,40 @@ def build_world(cfg: WorldConfig, out_dir: Path) -> dict:
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+# -----------------------------------------------------------------------------
+# the held-out split, as a public benchmark ships: images and a Karpathy-format JSON
+
+EVAL_ANNOTATIONS = "dataset_demo.json"   # Karpathy's file names: dataset_<name>.json
+EVAL_SPLIT = "test"                      # every held-out image is in Karpathy's "test" split,
+EVAL_PROTOCOL = "standard"               # which eval_sets' "standard" protocol selects
+
+
+def karpathy_tokens(text: str) -> list[str]:
+    """Lower-case words without punctuation, as the `tokens` of Karpathy's files."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def write_heldout(cfg: WorldConfig, eval_dir: Path) -> int:
+    """Write eval_dir/images/eval-NNNNNN.jpg and eval_dir/dataset_demo.json (Karpathy format:
+    {"dataset", "images": [{"filename", "imgid", "split", "sentids", "sentences": [{"raw",
+    "tokens", "imgid", "sentid"}]}]}, as Flickr30k's); return the number of captions."""
+    shutil.rmtree(eval_dir, ignore_errors=True)
+    (eval_dir / "images").mkdir(parents=True)
+    rng = _rng(cfg, "eval")
+    entries, n_captions = [], 0
+    for i in range(cfg.n_eval_images):
+        scene = draw_scene(rng, cfg)
+        captions = distinct_captions(scene, rng, cfg.captions_per_eval_image)
+        filename = f"eval-{i:06d}.jpg"
+        (eval_dir / "images" / filename).write_bytes(encode_jpeg(render(scene, cfg.image_size)))
+        sentids = list(range(n_captions, n_captions + len(captions)))
+        entries.append({
+            "filename": filename, "imgid": i, "split": EVAL_SPLIT, "sentids": sentids,
+            "sentences": [{"raw": text, "tokens": karpathy_tokens(text), "imgid": i,
+                           "sentid": sentid} for text, sentid in zip(captions, sentids)],
+        })
+        n_captions += len(captions)
+    (eval_dir / EVAL_ANNOTATIONS).write_text(json.dumps({"dataset": "demo", "images": entries}))
+    return n_captions

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from xbt_ray.config import ProjectorConfig, Stage1Config, TrainerConfig
-from xbt_ray.data.cache import Embeddings, align
+from xbt_ray.config import ConfigError, ProjectorConfig, Stage1Config, TrainerConfig
+from xbt_ray.data.cache import Embeddings
+from xbt_ray.data.join import same_items
 from xbt_ray.models.projector import Projector, procrustes
 from xbt_ray.train import distributed
 from xbt_ray.train.losses import add_noise, stage1_loss
@@ -25,6 +26,7 @@ from xbt_ray.train.losses import add_noise, stage1_loss
 log = logging.getLogger(__name__)
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
+SUMMARY = "stage1.json"
 
 
 def stage1_loop(config: dict) -> None:
@@ -72,15 +74,21 @@ def stage1_loop(config: dict) -> None:
 def train_stage1(new_text: Embeddings, old_text: Embeddings, projector: ProjectorConfig,
                  recipe: Stage1Config, trainer: TrainerConfig, run_name: str,
                  storage_path: Path, out_dir: Path, seed: int, callbacks=None) -> Path:
-    """Fit psi: new text space -> old text space; writes projector weights + config to out_dir."""
+    """Fit psi: new text space -> old text space; writes projector weights + config and a
+    summary (`stage1.json`: rows read, skipped and joined per cache) to out_dir.
+
+    Caption rows are linked across the two caches by key (xbt_ray.data.join); raises
+    ConfigError if the caches barely overlap or share less than one batch of rows.
+    """
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
 
-    keys, a, b = align(new_text, old_text)
+    old, new, joined = same_items(old_text, new_text, "stage 1 captions: old ~ new")
+    keys, a, b = old.keys, new.emb, old.emb
     if len(keys) < recipe.batch_size:
-        raise ValueError(f"stage 1 needs at least one batch ({recipe.batch_size}) of caption "
-                         f"pairs, the caches share {len(keys)}")
+        raise ConfigError(f"stage 1 needs at least one batch ({recipe.batch_size}) of caption "
+                          f"pairs, the caches share {len(keys)}")
     log.info("stage 1: %d caption pairs, new dim %d -> old dim %d", len(keys), a.shape[1],
              b.shape[1])
     init = procrustes(torch.from_numpy(a), torch.from_numpy(b)).numpy() \
@@ -97,6 +105,9 @@ def train_stage1(new_text: Embeddings, old_text: Embeddings, projector: Projecto
         datasets={"train": ray.data.from_arrow(table).random_shuffle()}, callbacks=callbacks)
     weights, _ = distributed.load_result_checkpoint(result)
     save_projector(weights, shape, out_dir)
+    summary = {"data": {"read": {"new_text": new_text.counts, "old_text": old_text.counts},
+                        "joins": {"old_text~new_text": joined}, "rows_used": len(keys)}}
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     return out_dir
 
 

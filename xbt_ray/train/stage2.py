@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 
 from xbt_ray.config import LoraConfig, ModelConfig, Stage1Config, Stage2Config, TrainerConfig
 from xbt_ray.data import shards
-from xbt_ray.data.cache import Embeddings, align
+from xbt_ray.data.cache import Embeddings
+from xbt_ray.data.join import pairs, same_items
 from xbt_ray.models import clip, lora
 from xbt_ray.models.projector import Projector
 from xbt_ray.models.query_encoder import export_query_encoder
@@ -108,17 +109,16 @@ def decode_training_pairs(batch: dict, size: int, model_name: str,
     return out
 
 
-def anchor_targets(old_images: Embeddings, old_texts: Embeddings) -> dict:
-    """Cached old image and text embeddings of the training pairs, by pair key (sorted)."""
-    image_row = {k: i for i, k in enumerate(old_images.keys)}
-    rows = [(image_row[k], j) for j, k in enumerate(old_texts.keys) if k in image_row]
-    if not rows:
-        raise ValueError("old pair image and text embeddings share no keys")
-    ii, jj = (np.array(x) for x in zip(*rows))
-    keys = old_texts.keys[jj].astype(str)
+def anchor_targets(old_images: Embeddings, old_texts: Embeddings) -> tuple[dict, dict]:
+    """Cached old embeddings of each training caption, sorted by caption key: its own old text
+    embedding (by key) and its image's old embedding (by image_id). Returns (targets, join
+    counts)."""
+    joined = pairs({"old_pair_texts": old_texts}, {"old_pair_images": old_images},
+                   "anchored targets")
+    keys = joined.keys.astype(str)
     order = np.argsort(keys)
-    return {"keys": keys[order], "image": old_images.emb[ii][order],
-            "text": old_texts.emb[jj][order]}
+    return ({"keys": keys[order], "image": joined.images[0][order],
+             "text": joined.texts[0][order]}, joined.counts)
 
 
 def stage2_loop(config: dict) -> None:
@@ -216,7 +216,8 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
     `pair_files`: image-text shards (mode lora). `pair_embeddings`: cached NEW image and text
     embeddings of the pairs (mode psi-only). `text_pairs`: cached (new text, old text) from
     stage 1, for the optional regulariser. `anchor_embeddings`: the CACHED old image and text
-    embeddings of the pairs, keyed like the pairs (objective anchored only). There is
+    embeddings of the pairs (objective anchored only): captions keyed like the pair rows, images
+    by image id, linked through xbt_ray.data.join. There is
     deliberately no old-model argument: no old forward pass can happen here.
     """
     import ray
@@ -228,13 +229,19 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
     if anchored and anchor_embeddings is None:
         raise ValueError("the anchored objective needs anchor_embeddings (cached old image and "
                          "text embeddings of the training pairs)")
-    targets = anchor_targets(*anchor_embeddings) if anchored else None
+    joins: dict = {}
+    targets = None
+    if anchored and recipe.mode != "psi-only":
+        targets, joins = anchor_targets(*anchor_embeddings)
     loop_config = {"trainer": trainer, "recipe": recipe, "stage1": stage1, "lora": lora_cfg,
                    "seed": seed, "new_model": new, "projector_shape": shape,
                    "projector_weights": psi.state_dict(), "text_pairs": None,
                    "anchor_targets": None}
     if recipe.text_weight > 0:
-        _, a, b = align(*text_pairs)
+        new_text, old_text = text_pairs
+        old_rows, new_rows, joins["old_text~new_text"] = same_items(
+            old_text, new_text, "stage 2 text regulariser")
+        a, b = new_rows.emb, old_rows.emb
         keep = np.random.default_rng(seed).permutation(len(a))[:200_000]
         loop_config["text_pairs"] = {"a": a[keep], "b": b[keep]}
 
@@ -244,24 +251,25 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
         import pyarrow as pa
 
         images, texts = pair_embeddings
-        by_key = {k: i for i, k in enumerate(images.keys)}
-        rows = [(by_key[k], j) for j, k in enumerate(texts.image_ids) if k in by_key]
-        ii, jj = (np.array(x) for x in zip(*rows))
-        _, codes = np.unique(texts.image_ids[jj].astype(str), return_inverse=True)
-        columns = {"image_emb": images.emb[ii], "text_emb": texts.emb[jj],
-                   "image_code": codes.astype(np.int64)}
-        used = np.ones(len(jj), dtype=bool)
-        if anchored:  # the old targets of each text row's key (the pair key)
-            pos = np.searchsorted(targets["keys"], texts.keys[jj].astype(str)).clip(
-                max=len(targets["keys"]) - 1)
-            used = targets["keys"][pos] == texts.keys[jj].astype(str)
-            columns |= {"old_image_emb": targets["image"][pos], "old_text_emb": targets["text"][pos]}
-        table = pa.table({k: ArrowTensorArray.from_numpy(v[used]) if v.ndim > 1 else v[used]
+        text_caches = {"new_pair_texts": texts}
+        image_caches = {"new_pair_images": images}
+        if anchored:  # the old targets of each caption: its own old text, its image's old image
+            old_images, old_texts = anchor_embeddings
+            text_caches["old_pair_texts"] = old_texts
+            image_caches["old_pair_images"] = old_images
+        joined = pairs(text_caches, image_caches, "psi-only stage 2 pairs")
+        joins |= joined.counts
+        columns = {"image_emb": joined.images[0], "text_emb": joined.texts[0],
+                   "image_code": joined.image_codes}
+        if anchored:
+            columns |= {"old_image_emb": joined.images[1], "old_text_emb": joined.texts[1]}
+        table = pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v
                           for k, v in columns.items()})
         dataset = ray.data.from_arrow(table).random_shuffle()
-        skipped = {"no_old_target": int((~used).sum())} if anchored else {}
-        counts = {"rows_in": len(rows), "rows_used": int(used.sum()), "skipped": skipped}
-        loop_config["rows"] = int(used.sum())
+        unjoined = len(texts) - len(joined)
+        counts = {"rows_in": len(texts), "rows_used": len(joined),
+                  "skipped": {"unjoined": unjoined} if unjoined else {}}
+        loop_config["rows"] = len(joined)
     else:
         skip_log = Path(storage_path).absolute() / run_name / "skipped"
         dataset, rows_in = shards.training_stream(
@@ -283,6 +291,7 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
         skipped = shards.skip_counts(skip_log)
         counts = {"rows_in": rows_in, "rows_used": rows_in - sum(skipped.values()),
                   "skipped": skipped}
+    counts["joins"] = joins
     weights, info = distributed.load_result_checkpoint(result)
     return _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir, export_encoder)
 
