@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from xbt_ray.config import ConfigError
 from xbt_ray.data.cache import Embeddings
 from xbt_ray.eval.backfill import auc, backfill_curve, backfill_report, upgrade_order
 from xbt_ray.eval.baselines import (
@@ -114,8 +115,68 @@ def test_fit_baselines_needs_a_linked_holdout():
     unlinked = [f"other{i}" for i in range(len(keys))]
     support = Support(_emb(caps, unlinked, cap_old), _emb(caps, unlinked, cap_new),
                       _emb(keys, keys, img_old), _emb(keys, keys, img_new))
-    with pytest.raises(Exception, match="held-out images linked to captions"):
+    with pytest.raises(ConfigError, match="support captions -> support images: nothing joined"):
         fit_baselines(support, img_old, img_new, cap_old, cap_new, holdout=0.1, seed=0)
+    # a few linked images: the join works but the held-out split is too small
+    few = keys[:20] + unlinked[20:]
+    support = Support(_emb(caps, few, cap_old), _emb(caps, few, cap_new),
+                      _emb(keys, keys, img_old), _emb(keys, keys, img_new))
+    with pytest.raises(ConfigError, match="held-out images linked to captions") as info:
+        fit_baselines(support, img_old, img_new, cap_old, cap_new, holdout=0.1, seed=0)
+    assert "20 of 200 images have a caption" in str(info.value)
+
+
+def _coco_support(n_images=100, per_image=5, corpus=300, seed=0, int_keys=False):
+    """COCO layout: image rows keyed by image id (one per image), caption keys != image ids,
+    `per_image` captions per image, a caption corpus describing no support image, and old / new
+    caches in different row orders with a few rows only one model embedded."""
+    keys, _, img_new, _, img_old, _, w = _world(n_images, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    ids = np.arange(1000, 1000 + n_images)
+    image_keys = ids.astype(np.int64) if int_keys else np.array([f"{i:012d}" for i in ids],
+                                                                dtype=object)
+    cap_ids = np.array([f"{i:012d}" if not int_keys else str(i) for i in ids
+                        for _ in range(per_image)], dtype=object)
+    cap_keys = np.array([f"ann-{j}" for j in range(len(cap_ids))], dtype=object)
+    cap_new = _unit(np.repeat(img_new, per_image, axis=0)
+                    + 0.3 * rng.standard_normal((len(cap_ids), img_new.shape[1])))
+    corpus_new = _unit(rng.standard_normal((corpus, img_new.shape[1])))
+    all_new = np.concatenate([corpus_new, cap_new]).astype(np.float32)
+    all_old = _unit(all_new @ w + 0.05 * rng.standard_normal((len(all_new), w.shape[1])))
+    all_keys = np.concatenate([np.array([f"txt-{j}" for j in range(corpus)], dtype=object),
+                               cap_keys])
+    all_ids = np.concatenate([all_keys[:corpus], cap_ids])  # corpus: image_id = key
+    flip = rng.permutation(len(all_keys))                   # the new cache in another order
+    old_caps = Embeddings(all_keys[3:], all_ids[3:], all_old[3:].astype(np.float32), {},
+                          "old captions")             # 3 corpus rows only the new model has
+    new_caps = Embeddings(all_keys[flip], all_ids[flip], all_new[flip], {}, "new captions")
+    order = rng.permutation(n_images)
+    support = Support(old_caps, new_caps,
+                      Embeddings(image_keys, image_keys, img_old, {}, "old images"),
+                      Embeddings(image_keys[order], image_keys[order], img_new[order], {},
+                                 "new images"))
+    return support, img_old, img_new
+
+
+@pytest.mark.parametrize("int_keys", [False, True])
+def test_coco_layout_support_finds_its_held_out_images(int_keys):
+    support, img_old, img_new = _coco_support(int_keys=int_keys)
+    out = fit_baselines(support, img_old[:20], img_new[:20], img_old[:20], img_new[:20],
+                        holdout=0.2, seed=0)
+    fit = out["slerp->old"].fit
+    assert fit["heldout_images"] >= 10
+    assert fit["heldout_captions"] == 5 * fit["heldout_images"]   # every caption of each image
+    joins = fit["joins"]
+    assert joins["old_captions~new_captions"] == {
+        "left_rows": 797, "right_rows": 800, "joined": 797, "unmatched_left": 0,
+        "unmatched_right": 3}
+    assert joins["old_images~new_images"]["joined"] == 100
+    link = joins["old_captions->old_images"]
+    assert link["joined"] == 500 and link["unmatched_left"] == 297  # the corpus links no image
+    assert link["unmatched_right"] == 0
+    assert all(b.fit["joins"] == joins for b in out.values())
+    # the held-out split is a working retrieval split: old ~ new is nearly a linear map
+    assert fit["heldout_r1"] > 50
 
 
 # --- partial backfill -------------------------------------------------------------------------

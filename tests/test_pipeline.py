@@ -5,6 +5,8 @@ from pathlib import Path
 
 from xbt_ray.pipeline import embed_step, resolve_sources
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_report_has_every_cell_and_is_written(tiny_run):
     config, report = tiny_run
@@ -13,6 +15,7 @@ def test_report_has_every_cell_and_is_written(tiny_run):
                        "procrustes-text->old", "procrustes-image->old", "procrustes-both->old",
                        "ridge->old", "slerp->old", "slerp-mid->old"]
     assert report["n_images"] == 40 and report["n_captions"] == 120
+    assert report["dataset"] == "demo"   # the split built from the world's Karpathy JSON
     rows = {row["method"]: row for row in report["rows"]}
     for row in report["rows"]:
         for direction in ("i2t", "t2i"):
@@ -55,10 +58,22 @@ def test_xbt_report_recomputes_the_report_from_the_recorded_inputs(tiny_run, mlf
 
 def test_rows_are_accounted_for(tiny_run):
     _, report = tiny_run
-    for name, counts in report["data"].items():
-        assert counts["rows_in"] == counts["rows_embedded"] + sum(counts["skipped"].values()), name
-    assert report["data"]["old_text"]["rows_in"] == 700
-    assert report["data"]["old_eval_images"]["rows_embedded"] == 40
+    data = report["data"]
+    for name, counts in data.items():
+        if "rows_embedded" in counts:   # an embedding job (not a training stage's summary)
+            assert counts["rows_in"] == (counts["rows_embedded"] + counts["deduplicated"]
+                                         + sum(counts["skipped"].values())), name
+    assert data["old_text"]["rows_in"] == 700
+    assert data["old_eval_images"]["rows_embedded"] == 40
+    # COCO-layout pairs: each of the 100 images encoded once, however many caption rows it has
+    pairs = data["old_pair_images"]
+    assert pairs["rows_in"] == data["old_pair_texts"]["rows_in"] > 300
+    assert pairs["deduplicated"] == pairs["rows_in"] - 100
+    assert pairs["rows_embedded"] + sum(pairs["skipped"].values()) == 100
+    # the joins of every stage are in the report: captions found their images
+    targets = data["stage2_anchored"]["joins"]["old_pair_texts->old_pair_images"]
+    assert targets["joined"] == targets["left_rows"] - targets["unmatched_left"] > 300
+    assert data["stage1"]["joins"]["old_text~new_text"]["joined"] == 700
 
 
 def test_mlflow_run_has_params_metrics_and_artifacts(tiny_run, mlflow_uri):
@@ -78,6 +93,66 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_run, mlflow_uri):
             "backfill.png", "eval_inputs.json"} <= artifacts
     assert "slerp_to_old.i2t.R1" in run.data.metrics
     assert "xbt-anchored_to_old.cells_passed" in run.data.metrics
+
+
+def _laion_tars(world_dir: Path, out: Path) -> int:
+    """The world's training pairs repacked as LAION-layout webdataset tars: one caption per
+    image (its first), no image_id, keys with dots and mixed-case extensions."""
+    import io
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sorted((world_dir / "image_text").glob("part-*.parquet"))).to_pylist()
+    first = {}
+    for row in rows:
+        first.setdefault(row["image_id"], row)
+    out.mkdir()
+    samples = list(first.values())
+    for shard in range(2):
+        with tarfile.open(out / f"{shard:05d}.tar", "w") as tar:
+            for i, row in enumerate(samples[shard::2]):
+                key = f"laion.{shard}.{i:06d}"
+                for suffix, data in ((".JPG" if i % 2 else ".jpg", row["jpg"]),
+                                     (".txt", (row["txt"] or "").encode())):
+                    if data is None:
+                        continue
+                    info = tarfile.TarInfo(key + suffix)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return len(samples)
+
+
+def test_smoke_chain_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlflow_uri):
+    """The whole chain with training pairs as webdataset tars in LAION layout (one caption per
+    image, image_id = key), the tiny world's caption corpus and Karpathy eval split, and the
+    tiny models as local checkpoint files."""
+    import os
+    import subprocess
+    import sys
+
+    config, _ = tiny_run
+    world_dir = next((Path(config.cache_dir) / "world").iterdir())
+    n = _laion_tars(world_dir, tmp_path / "tars")
+    models = {("old" if "-old-" in p.name else "new"): p
+              for p in (Path(config.cache_dir) / "models").glob("*.safetensors")}
+    overrides = [f"data.image_text={tmp_path / 'tars'}", f"data.text={world_dir / 'text'}",
+                 f"data.eval={world_dir / 'eval_split'}",
+                 f"old.pretrained={models['old']}", f"new.pretrained={models['new']}",
+                 f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}",
+                 "run_name=laion", f"tracking.tracking_uri={mlflow_uri}",
+                 "tracking.experiment=test-laion"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "xbt_ray.cli", "run", "--config",
+                           str(ROOT / "configs" / "tiny.yaml"), *overrides], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "laion" / "report.json").read_text())
+    data = report["data"]
+    assert data["new_pair_images"]["rows_in"] == data["new_pair_texts"]["rows_in"] == n
+    assert data["new_pair_images"]["deduplicated"] == 0
+    assert {"xbt->old", "xbt-anchored->old", "procrustes-both->old"} <= {
+        r["method"] for r in report["rows"]}
 
 
 def test_second_run_reuses_world_models_and_embeddings(tiny_run):

@@ -136,3 +136,20 @@ def test_published_reference_numbers_ship_as_data():
 def test_cells_passed():
     assert cells_passed(make_row("xbt->old", "xbt", "old", False, XBT, OLD, NEW)) == 5
     assert cells_passed(make_row("old->old", "old", "old", True, OLD, OLD, NEW)) is None
+
+
+def test_data_section_notes_left_out_rows_and_fit_joins_stay_out_of_the_table():
+    from xbt_ray.eval.report import data_note
+
+    report = _report()
+    assert data_note({}) == "" and "Left out" not in format_table(report)
+    report["data"] = {"joins": {}, "dropped": {"images_without_caption": 1,
+                                               "captions_without_image": 0},
+                      "read": {"new_images": {"rows_in": 6, "rows_used": 4,
+                                              "skipped": {"zero_vector": 2}}}}
+    report["rows"][2]["flips"] = {d: {"PFR": 1.0, "NFR": 0.0} for d in ("i2t", "t2i")}
+    report["rows"][2]["fit"] = {"support": "both", "joins": {"a->b": {"joined": 3}}}
+    table = format_table(report)
+    assert ("Left out of the evaluation: 1 images without caption; 2 new_images rows skipped "
+            "(zero vector)") in table
+    assert "support=both" in table and "joins=" not in table

@@ -90,9 +90,14 @@ def test_chunking_is_identical():
             query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib=mib), whole)
 
 
-def test_query_without_correct_item_raises():
-    with pytest.raises(ValueError, match="no correct gallery item"):
+def test_query_without_correct_item_raises_naming_a_sample():
+    with pytest.raises(ValueError, match=r"1 of 2 queries have no correct gallery item "
+                                         r"\(e.g. query row 1 with id 9\)"):
         recall_at_k(BASIS4[:2], BASIS4, np.array([0, 9]), np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="e.g. query key 'cap-b' with id 'img-9'"):
+        query_ranks(BASIS4[:2], BASIS4, np.array(["img-0", "img-9"]),
+                    np.array(["img-0", "img-1", "img-2", "img-3"]),
+                    query_keys=np.array(["cap-a", "cap-b"]))
 
 
 def test_evaluate_directions_multi_caption():

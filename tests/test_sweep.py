@@ -115,6 +115,39 @@ def test_validation_split_is_seeded_and_disjoint_from_training_pairs():
         sweep.choose_validation(pairs, 1.0, 0)
 
 
+def test_validation_split_in_coco_layout_goes_through_the_join():
+    # 40 images with 5 captions each; caption keys are annotation ids, image keys int64 ids;
+    # the new image cache is in another order and misses one image (failed to embed)
+    rng = np.random.default_rng(0)
+    ids = np.arange(500, 540).astype(np.int64)
+    cap_ids = np.repeat(ids.astype(str), 5).astype(object)
+    cap_keys = np.array([f"ann-{n}" for n in range(len(cap_ids))], dtype=object)
+    shuffled = rng.permutation(40)
+    order, missing = shuffled[1:], shuffled[0]
+
+    def table(keys, image_ids, dim):
+        return Embeddings(keys, image_ids, rng.normal(size=(len(keys), dim)).astype(np.float32),
+                          {})
+
+    pairs = {"old_pair_images": table(ids, ids, 4), "new_pair_images": table(ids[order],
+                                                                            ids[order], 6),
+             "old_pair_texts": table(cap_keys, cap_ids, 4),
+             "new_pair_texts": table(cap_keys[::-1], cap_ids[::-1], 6)}
+    keys = sweep.pair_image_keys(pairs)
+    assert len(keys) == 39 and str(ids[missing]) not in keys and str(ids[order[0]]) in keys
+    val = sweep.choose_validation(pairs, 0.5, seed=1)
+    split = sweep.split_pairs(pairs, val)
+    v = split.validation
+    assert set(v.image_ids) == set(val) and set(v.caption_image_ids) == set(val)
+    assert len(v.old_captions) == 5 * len(val)
+    assert v.joins["old_captions->old_images"]["unmatched_right"] == 0
+    assert split.counts["old_pair_texts"]["joined"] == 5 * len(val)
+    assert not set(split.train["old_pair_texts"].image_ids) & set(val)
+    report = sweep.Validator(v, EvalConfig(ks=[1])).report({})
+    assert report["n_images"] == len(val) and report["data"]["dropped"] == {
+        "images_without_caption": 0, "captions_without_image": 0}
+
+
 def _report(old, new, method):
     def row(name, i2t, t2i):
         return {"method": name, "i2t": {"R1": i2t}, "t2i": {"R1": t2i}}

@@ -12,8 +12,8 @@ from PIL import Image
 from xbt_ray.config import WorldConfig
 from xbt_ray.data import world
 
-TINY = WorldConfig(n_train_images=60, n_text_captions=50, n_eval_images=10,
-                   rows_per_shard=25, broken_fraction=0.1)
+TINY = WorldConfig(n_train_images=20, n_text_captions=50, n_eval_images=10,
+                   rows_per_shard=25, broken_fraction=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def test_deterministic(built, tmp_path):
 
 def test_rebuild_overwrites(tmp_path):
     world.build_world(dataclasses.replace(TINY, n_train_images=80), tmp_path)
-    world.build_world(TINY, tmp_path)
-    assert len(list((tmp_path / "image_text").glob("*.parquet"))) == 3
+    manifest = world.build_world(TINY, tmp_path)
+    assert len(list((tmp_path / "image_text").glob("*.parquet"))) == \
+        manifest["shards"]["image_text"] == -(-manifest["counts"]["image_text"] // 25)
 
 
 def test_fingerprint():
@@ -74,16 +75,17 @@ def test_counts_and_shards(built):
     assert manifest["fingerprint"] == world.world_fingerprint(TINY)
     assert manifest["config"] == dataclasses.asdict(TINY)
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    expected = {"image_text": (60, 3), "text": (50, 2)}
+    pair_rows = manifest["counts"]["image_text"]
+    expected = {"image_text": (pair_rows, -(-pair_rows // 25)), "text": (50, 2)}
     for split, (n_rows, n_shards) in expected.items():
         shards = sorted((out / split).glob("part-*.parquet"))
         assert [s.name for s in shards] == [f"part-{i:05d}.parquet" for i in range(n_shards)]
         assert [pq.read_metadata(s).num_rows for s in shards][:-1] == [25] * (n_shards - 1)
         keys = [r["key"] for r in _read(out / split)]
         assert len(keys) == n_rows == len(set(keys))
-    assert manifest["counts"] == {"image_text": 60, "text": 50, "eval_images": 10,
-                                  "eval_captions": 50}
-    assert manifest["shards"] == {"image_text": 3, "text": 2}
+    assert manifest["counts"] == {"image_text": pair_rows, "image_text_images": 20, "text": 50,
+                                  "eval_images": 10, "eval_captions": 50}
+    assert manifest["shards"] == {"image_text": expected["image_text"][1], "text": 2}
     assert manifest["eval"] == {"annotations": "eval/dataset_demo.json", "images": "eval/images",
                                 "format": "karpathy", "split": "test", "protocol": "standard"}
     assert sorted(p.name for p in (out / "eval" / "images").iterdir()) == [
@@ -100,7 +102,7 @@ def test_broken_rows_are_broken(built):
     found = {kind: [] for kind in world.BROKEN_KINDS}
     for row in _read(out / "image_text"):
         assert row["status"] == "success" and row["error_message"] is None
-        assert row["image_id"] == row["key"]
+        assert row["image_id"] != row["key"]
         if row["jpg"] is None:
             found["null_image"].append(row["key"])
             continue
@@ -117,6 +119,21 @@ def test_broken_rows_are_broken(built):
         else:
             assert row["txt"]
     assert found == manifest["broken_keys"]
+
+
+def test_training_pairs_in_coco_layout(built):
+    """3-5 captions per image, one row each: rows of an image share its bytes and image_id,
+    keys are unique per row and differ from image ids, captions of an image differ."""
+    out, manifest = built
+    by_image = {}
+    for row in _read(out / "image_text"):
+        by_image.setdefault(row["image_id"], []).append(row)
+    assert len(by_image) == TINY.n_train_images
+    for rows in by_image.values():
+        assert TINY.train_captions_min <= len(rows) <= TINY.train_captions_max
+        assert len({r["jpg"] for r in rows}) == 1
+        assert len({r["txt"] for r in rows}) > 1
+    assert sum(len(r) for r in by_image.values()) == manifest["counts"]["image_text"]
 
 
 def test_no_broken_rows_when_fraction_zero(tmp_path):

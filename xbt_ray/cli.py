@@ -23,13 +23,19 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
         p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
+        p.add_argument("--embeddings", help="bring your own embeddings: a manifest (YAML) of "
+                                            "exports per role; no shards, no encoder "
+                                            "(sets data.embeddings)")
         p.add_argument("--smoke", action="store_true",
                        help=f"a minutes-long check of the whole path on the tiny world and "
                             f"models ({SMOKE_CONFIG.relative_to(ROOT)}) instead of --config")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("report", help="the evaluation suite from embeddings alone: report "
                                       "table, CSV, heatmap and backfill curves, logged to MLflow")
-    p.add_argument("--inputs", required=True,
+    p.add_argument("--embeddings", help="a manifest (YAML) of embedding exports per role: "
+                                        "evaluate them (and the run's finished stages) with "
+                                        "no encoder")
+    p.add_argument("--inputs",
                    help="eval_inputs.json (written by `xbt run`) or a directory laid out as "
                         "eval/{old,new}_{images,captions}/, queries/<name>/{images,captions}/, "
                         "support/...")
@@ -60,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="samples of the space (default: "
                                                     "sweep.num_samples)")
     p.add_argument("--run-name", help="name of the sweep (output dir, MLflow parent run)")
+    p.add_argument("--embeddings", help="a manifest (YAML) of embedding exports per role "
+                                        "(sets data.embeddings): no shards, no encoder")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p = sub.add_parser("compare", help="the compatibility tables of MLflow runs side by side")
     p.add_argument("runs", nargs="+", help="MLflow run names or ids")
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--smoke replaces --config: pass one of them")
             config_path, run_name = SMOKE_CONFIG, run_name or "smoke"
         overrides = list(args.overrides) + ([f"run_name={run_name}"] if run_name else [])
+        if getattr(args, "embeddings", None):
+            overrides.append(f"data.embeddings={Path(args.embeddings).absolute()}")
         config = load_config(config_path, overrides)
         if args.command in ("run", "embed", "stage1", "stage2"):
             from xbt_ray.pipeline import run_pipeline
@@ -137,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(config, until="evaluate" if args.command == "run" else args.command)
         elif args.command == "encode":
             encode(args, config)
+        elif args.command == "report" and args.embeddings:
+            from xbt_ray.pipeline import run_pipeline
+
+            run_pipeline(config, until="evaluate", train=False)
         elif args.command == "report":
+            if not args.inputs:
+                raise ConfigError("xbt report needs --inputs or --embeddings")
             report(args, config)
         elif args.command == "sweep":
             from xbt_ray.sweep import run_sweep

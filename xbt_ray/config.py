@@ -27,7 +27,9 @@ class WorldConfig:
     image_size: int = 64
     objects_min: int = 2
     objects_max: int = 3
-    n_train_images: int = 8000
+    n_train_images: int = 8000      # images of the training pairs
+    train_captions_min: int = 3     # captions per training image (one pair row each), drawn
+    train_captions_max: int = 5     # uniformly in [min, max]: the COCO / Flickr layout
     n_text_captions: int = 20000
     n_eval_images: int = 500
     captions_per_eval_image: int = 5
@@ -62,6 +64,8 @@ class DataConfig:
     image_text: str = ""   # img2dataset parquet dir / glob, or webdataset .tar dir / glob
     text: str = ""         # text-only caption corpus (parquet with key, txt)
     eval: str = ""         # held-out split dir with images/ and captions.parquet
+    embeddings: str = ""   # bring your own: a manifest (YAML) of embedding exports per role;
+                           # replaces the shards and the encoders (xbt_ray/data/byo.py)
 
 
 @dataclass
@@ -231,6 +235,8 @@ class Config:
             (self.stage1.noise_sigma >= 0, "stage1.noise_sigma must be >= 0"),
             (self.stage1.temperature > 0, "stage1.temperature must be > 0"),
             (0 <= self.world.broken_fraction < 0.5, "world.broken_fraction must be in [0, 0.5)"),
+            (1 <= self.world.train_captions_min <= self.world.train_captions_max,
+             "world.train_captions_min must be >= 1 and <= world.train_captions_max"),
             (1 <= self.world.objects_min <= self.world.objects_max,
              "world.objects_min must be >= 1 and <= world.objects_max"),
             (bool(self.old.name) and bool(self.new.name), "old.name and new.name must be set"),

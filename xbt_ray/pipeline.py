@@ -103,10 +103,15 @@ def resolve_sources(config: Config, timings: dict) -> Sources:
     data = config.data
     world_dir = None
     if not (data.image_text or data.text or data.eval):
+        from xbt_ray.data.eval_sets import demo_eval_split
+
         with timed(timings, "world"):
             world_dir = build_demo_world(config)
+            # the held-out split ships as a Karpathy JSON + JPEGs, like Flickr30k: the split is
+            # built by the same code `xbt eval-data` runs on a public benchmark
+            eval_dir = demo_eval_split(world_dir)
         data = dataclasses.replace(data, image_text=str(world_dir / "image_text"),
-                                   text=str(world_dir / "text"), eval=str(world_dir / "eval"))
+                                   text=str(world_dir / "text"), eval=str(eval_dir))
     elif not (data.text and data.eval):
         raise ConfigError("set data.text and data.eval (or leave all data.* empty for the demo)")
     models = {}
@@ -125,14 +130,12 @@ def resolve_sources(config: Config, timings: dict) -> Sources:
         text=shards.list_shards(data.text),
         eval_images=shards.list_shards(str(eval_dir / "images")),
         eval_captions=shards.list_shards(str(eval_dir / "captions.parquet")),
-        old=models["old"], new=models["new"], **_split_name(eval_dir, world_dir is not None))
+        old=models["old"], new=models["new"], **_split_name(eval_dir))
 
 
-def _split_name(eval_dir: Path, demo: bool) -> dict:
-    """Dataset and protocol of an eval split: the demo's, from the split's manifest.json
-    (written by `xbt eval-data`), or the directory name."""
-    if demo:
-        return {"dataset": "demo-heldout", "protocol": "held-out split"}
+def _split_name(eval_dir: Path) -> dict:
+    """Dataset and protocol of an eval split: from the split's manifest.json (written by
+    `xbt eval-data`, and for the demo world), or the directory name."""
     manifest = eval_dir / "manifest.json"
     if manifest.is_file():
         doc = json.loads(manifest.read_text())
@@ -169,6 +172,39 @@ def embed_step(config: Config, sources: Sources, timings: dict,
     return results
 
 
+def byo_sources(config: Config, timings: dict) -> tuple[Sources, dict]:
+    """Bring-your-own embeddings (`data.embeddings`, a manifest): every role imported into the
+    cache contract (no encoder, no model loaded); returns (sources without shards, the caches
+    by role)."""
+    from xbt_ray.data.byo import import_manifest, load_manifest
+
+    manifest = load_manifest(config.data.embeddings)
+    with timed(timings, "import"):
+        embedded = import_manifest(config.data.embeddings, config.cache_dir)
+    sources = Sources([], [], [], [], config.old, config.new,
+                      manifest.dataset or Path(config.data.embeddings).stem,
+                      manifest.protocol or "custom")
+    return sources, embedded
+
+
+def inputs_step(config: Config, timings: dict,
+                roles: tuple[str, ...] | None = None) -> tuple[Sources, dict]:
+    """The embedding caches every later step reads, by role: imported from a manifest
+    (`data.embeddings`), or embedded from shards (demo world and models built when needed)."""
+    if config.data.embeddings:
+        return byo_sources(config, timings)
+    sources = resolve_sources(config, timings)
+    return sources, embed_step(config, sources, timings, roles)
+
+
+def need(embedded: dict, roles, step: str) -> None:
+    """One line when a step's input roles are missing (a manifest that names too few)."""
+    missing = [r for r in roles if r not in embedded]
+    if missing:
+        raise ConfigError(f"{step} needs the embedding roles {missing}: add them to the "
+                          "data.embeddings manifest (or give the shards they come from)")
+
+
 def stage1_step(config: Config, embedded: dict, timings: dict) -> Path:
     from xbt_ray.train.stage1 import PROJECTOR_WEIGHTS, train_stage1
 
@@ -176,6 +212,7 @@ def stage1_step(config: Config, embedded: dict, timings: dict) -> Path:
     if (out_dir / PROJECTOR_WEIGHTS).is_file():
         log.info("stage 1 already finished in %s (reused)", out_dir)
         return out_dir
+    need(embedded, ("new_text", "old_text"), "stage 1")
     with timed(timings, "stage1"):
         train_stage1(cache.read_embeddings(embedded["new_text"].directory),
                      cache.read_embeddings(embedded["old_text"].directory),
@@ -207,8 +244,16 @@ def stage2_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Pa
     if (out_dir / SUMMARY).is_file():
         log.info("%s already finished in %s (reused)", section, out_dir)
         return out_dir
-    if not sources.image_text:
+    byo = bool(config.data.embeddings)
+    if byo and recipe.mode != "psi-only":
+        raise ConfigError(f"{section}.mode={recipe.mode} needs images and the new model; with "
+                          f"data.embeddings set {section}.mode=psi-only")
+    if recipe.mode == "psi-only":
+        need(embedded, ("new_pair_images", "new_pair_texts"), section)
+    elif not sources.image_text:
         raise ConfigError("stage 2 needs image-text pairs: set data.image_text")
+    if recipe.objective == "anchored":
+        need(embedded, ("old_pair_images", "old_pair_texts"), f"{section} (anchored)")
     read = lambda name: cache.read_embeddings(embedded[name].directory)  # noqa: E731
     with timed(timings, section):
         summary = train_stage2(
@@ -219,7 +264,8 @@ def stage2_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Pa
                              if recipe.mode == "psi-only" else None),
             text_pairs=((read("new_text"), read("old_text")) if recipe.text_weight > 0 else None),
             anchor_embeddings=((read("old_pair_images"), read("old_pair_texts"))
-                               if recipe.objective == "anchored" else None))
+                               if recipe.objective == "anchored" else None),
+            export_encoder=not byo)  # bring-your-own: no model to merge psi into
     tracking.log_counts(f"data.{section}_pairs", summary["data"])
     return out_dir
 
@@ -243,23 +289,28 @@ def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: 
     EXPORTED query encoder, run by the embedding job exactly as a user would serve it. Every
     input is recorded in run_dir/eval_inputs.json, so `xbt report` can recompute the report."""
     from xbt_ray.eval.suite import load_inputs, evaluate, write_manifest
-    from xbt_ray.train.stage1 import load_projector, project
 
     with timed(timings, "evaluate"):
         split = {role: embedded[f"{role.split('_')[0]}_eval_{role.split('_')[1]}"].directory
                  for role in ("old_images", "new_images", "old_captions", "new_captions")}
-        queries = {"xbt-stage1": _stage1_queries(config, embedded, load_projector(stage1_dir),
-                                                 project)}
+        need(embedded, ("old_eval_images", "new_eval_images", "old_eval_captions",
+                        "new_eval_captions"), "evaluation")
+        queries = {"xbt-stage1": _projected_queries(config, embedded, stage1_dir, "xbt-stage1")}
         for method, out_dir in stage2_dirs.items():
+            name = method.split("->")[0]
+            if not (out_dir / "query_encoder.safetensors").is_file():   # psi-only, no model
+                queries[name] = _projected_queries(config, embedded, out_dir, name)
+                continue
             encoder = ModelConfig(name=sources.new.name,
                                   pretrained=str(out_dir / "query_encoder.safetensors"))
-            queries[method.split("->")[0]] = {
+            queries[name] = {
                 kind: embed.embed_shards(files, modality, encoder, config.cache_dir,
                                          config.embed).directory
                 for kind, modality, files in (("images", "image", sources.eval_images),
                                               ("captions", "text", sources.eval_captions))}
         support = None
-        if sources.image_text:
+        if {"old_pair_images", "new_pair_images", "old_pair_texts", "new_pair_texts"} <= set(
+                embedded):
             support = {"old_captions": [embedded["old_text"].directory,
                                         embedded["old_pair_texts"].directory],
                        "new_captions": [embedded["new_text"].directory,
@@ -275,13 +326,18 @@ def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: 
         return evaluate(load_inputs(manifest), config.eval, config.seed)
 
 
-def _stage1_queries(config: Config, embedded: dict, psi, project) -> dict[str, Path]:
-    """psi(new eval embeddings) written as caches under run_dir/eval/queries/xbt-stage1."""
+def _projected_queries(config: Config, embedded: dict, projector_dir: Path,
+                       method: str) -> dict[str, Path]:
+    """psi(new eval embeddings), psi from `projector_dir`, written as caches under
+    run_dir/eval/queries/<method>: the queries of a method whose psi is all it changes."""
+    from xbt_ray.train.stage1 import load_projector, project
+
+    psi = load_projector(projector_dir)
     out = {}
     for kind, name in (("images", "new_eval_images"), ("captions", "new_eval_captions")):
         table = cache.read_embeddings(embedded[name].directory)
-        directory = config.run_dir / "eval" / "queries" / "xbt-stage1" / kind
-        meta = cache.make_meta("xbt-stage1", str(config.run_dir / "stage1"), psi.d_out,
+        directory = config.run_dir / "eval" / "queries" / method / kind
+        meta = cache.make_meta(method, str(projector_dir), psi.d_out,
                                table.meta["dataset"], table.meta["modality"])
         cache.write_embeddings(directory, table.keys, table.image_ids,
                                project(psi, table.emb), meta, dtype="float32")
@@ -289,11 +345,28 @@ def _stage1_queries(config: Config, embedded: dict, psi, project) -> dict[str, P
     return out
 
 
+def training_data_counts(config: Config) -> dict:
+    """What each finished training stage of the run read, skipped and joined (from its
+    summary JSON), for the report's `data` section."""
+    from xbt_ray.train.stage1 import SUMMARY as STAGE1_SUMMARY
+    from xbt_ray.train.stage2 import SUMMARY as STAGE2_SUMMARY
+
+    out = {}
+    for section, summary in [("stage1", STAGE1_SUMMARY)] + [
+            (section, STAGE2_SUMMARY) for section, _, _ in stage2_runs(config)]:
+        path = config.run_dir / section / summary
+        if path.is_file():
+            out[section] = json.loads(path.read_text()).get("data", {})
+    return out
+
+
 STEPS = ("embed", "stage1", "stage2", "evaluate")
 
 
-def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
+def run_pipeline(config: Config, until: str = "evaluate", train: bool = True) -> dict | None:
     """Run the steps up to `until`, reusing finished ones; returns the report when evaluating.
+    With `train` off (`xbt report --embeddings`) nothing is trained: the report covers the
+    baselines and whichever stages the run directory already holds.
 
     The report is also written to the run directory and logged to MLflow.
     """
@@ -311,24 +384,35 @@ def run_pipeline(config: Config, until: str = "evaluate") -> dict | None:
     started = time.perf_counter()
     with tracking.start_run(config):
         mlflow.log_artifact(str(run_dir / "config.yaml"))
-        sources = resolve_sources(config, timings)
-        embedded = embed_step(config, sources, timings)
+        sources, embedded = inputs_step(config, timings)
         for name, result in embedded.items():
             tracking.log_counts(f"data.{name}", result.counts)
         if until == "embed":
             return None
-        stage1_dir = stage1_step(config, embedded, timings)
+        if train:
+            stage1_dir = stage1_step(config, embedded, timings)
+        else:
+            stage1_dir = config.run_dir / "stage1"
+            if not (stage1_dir / "projector.safetensors").is_file():
+                raise ConfigError(f"no finished stage 1 in {stage1_dir}: run `xbt stage1` (or "
+                                  "`xbt stage2`) with the same run name first")
         if until == "stage1":
             return None
-        stage2_dirs = {method: stage2_step(config, sources, embedded, stage1_dir, timings,
-                                           section, recipe)
-                       for section, recipe, method in stage2_runs(config)}
+        stage2_dirs = {}
+        for section, recipe, method in stage2_runs(config):
+            if train:
+                stage2_dirs[method] = stage2_step(config, sources, embedded, stage1_dir, timings,
+                                                  section, recipe)
+            elif (config.run_dir / section / "stage2.json").is_file():
+                stage2_dirs[method] = config.run_dir / section
         if until == "stage2":
             return None
         report = evaluate_step(config, sources, embedded, stage1_dir, stage2_dirs, timings)
         report["models"] = {"old": dataclasses.asdict(sources.old),
                             "new": dataclasses.asdict(sources.new)}
-        report["data"] = {name: r.counts | {"reused": r.reused} for name, r in embedded.items()}
+        report["data"] = report.get("data", {}) | {
+            name: r.counts | {"reused": r.reused} for name, r in embedded.items()}
+        report["data"] |= training_data_counts(config)
         timings["total"] = round(time.perf_counter() - started, 1)
         report["timings_s"] = timings
         paths = write_report(report, run_dir)

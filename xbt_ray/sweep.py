@@ -39,7 +39,8 @@ from xbt_ray import tracking
 from xbt_ray.config import (Config, ConfigError, EvalConfig, _merge, nest, read_yaml,
                             save_config)
 from xbt_ray.data import cache
-from xbt_ray.data.cache import Embeddings
+from xbt_ray.data.cache import Embeddings, as_ids
+from xbt_ray.data.join import join, same_items
 from xbt_ray.eval.report import markdown_table
 
 log = logging.getLogger(__name__)
@@ -135,16 +136,28 @@ def stage2_method(config: Config) -> str:
 # --- validation split and the primary metric ----------------------------------------------
 
 def _subset(table: Embeddings, mask: np.ndarray) -> Embeddings:
-    return Embeddings(table.keys[mask], table.image_ids[mask], table.emb[mask], table.meta)
+    return table.take(np.flatnonzero(mask))
+
+
+def pair_joins(pairs: dict[str, Embeddings]) -> tuple[Embeddings, Embeddings, dict]:
+    """The training pairs through xbt_ray.data.join: images embedded by both models (by key =
+    image id), captions embedded by both (by key), captions -> images (by image_id).
+    Returns (old images in both, old captions in both that name one of them, join counts)."""
+    old_img, _, img_counts = same_items(pairs["old_pair_images"], pairs["new_pair_images"],
+                                        "sweep: old ~ new pair images")
+    old_txt, _, txt_counts = same_items(pairs["old_pair_texts"], pairs["new_pair_texts"],
+                                        "sweep: old ~ new pair captions")
+    linked = join(old_txt, old_img, "sweep: pair captions -> pair images", on="image_id")
+    counts = {"old_pair_images~new_pair_images": img_counts,
+              "old_pair_texts~new_pair_texts": txt_counts,
+              "old_pair_texts->old_pair_images": linked.counts}
+    return old_img.take(np.unique(linked.right)), old_txt.take(linked.left), counts
 
 
 def pair_image_keys(pairs: dict[str, Embeddings]) -> np.ndarray:
     """Sorted training-pair images embedded by both models that have a caption in both."""
-    images = set(pairs["old_pair_images"].keys.astype(str)) & set(
-        pairs["new_pair_images"].keys.astype(str))
-    captioned = set(pairs["old_pair_texts"].image_ids.astype(str)) & set(
-        pairs["new_pair_texts"].image_ids.astype(str))
-    return np.array(sorted(images & captioned))
+    images, _, _ = pair_joins(pairs)
+    return np.array(sorted(images.keys.astype(str)))
 
 
 def choose_validation(pairs: dict[str, Embeddings], fraction: float, seed: int) -> np.ndarray:
@@ -164,28 +177,30 @@ def choose_validation(pairs: dict[str, Embeddings], fraction: float, seed: int) 
 class PairSplit:
     validation: object           # EvalSplit: the held-out images and their captions
     train: dict[str, Embeddings]  # the pair caches without the held-out images
+    counts: dict = dataclasses.field(default_factory=dict)  # per role, its join to val_keys
 
 
 def split_pairs(pairs: dict[str, Embeddings], val_keys: np.ndarray) -> PairSplit:
-    """Validation = the pairs of `val_keys` (images by key, captions by image_id); training =
-    the rest (what stage 2 may train on)."""
+    """Validation = the pairs of `val_keys` (images by key, captions by image_id: COCO layout,
+    several captions per image); training = the rest (what stage 2 may train on). Membership
+    and the validation split's alignment both go through xbt_ray.data.join; the split's own
+    join counts are in `validation.joins`."""
     from xbt_ray.eval.compat import EvalSplit
 
-    val = set(np.asarray(val_keys).astype(str))
-    in_val = {role: np.isin((table.keys if role.endswith("images") else table.image_ids)
-                            .astype(str), list(val))
-              for role, table in pairs.items()}
-    train = {role: _subset(table, ~in_val[role]) for role, table in pairs.items()}
-    captions = set(pairs["old_pair_texts"].keys[in_val["old_pair_texts"]].astype(str)) & set(
-        pairs["new_pair_texts"].keys[in_val["new_pair_texts"]].astype(str))
-    held = {}
+    keys = as_ids(val_keys)
+    chosen = Embeddings(keys, keys, np.zeros((len(keys), 1), np.float32), {},
+                        "the validation images")
+    train, held, counts = {}, {}, {}
     for role, table in pairs.items():
-        mask = in_val[role]
-        if role.endswith("texts"):
-            mask = mask & np.isin(table.keys.astype(str), list(captions))
-        held[role] = _subset(table, mask)
-    return PairSplit(EvalSplit(held["old_pair_images"], held["new_pair_images"],
-                               held["old_pair_texts"], held["new_pair_texts"]), train)
+        on = "key" if role.endswith("images") else "image_id"
+        joined = join(table, chosen, f"sweep validation: {role}", on=on, min_fraction=0.0)
+        counts[role] = joined.counts
+        in_val = np.zeros(len(table), bool)
+        in_val[joined.left] = True
+        train[role], held[role] = _subset(table, ~in_val), _subset(table, in_val)
+    validation = EvalSplit(held["old_pair_images"], held["new_pair_images"],
+                           held["old_pair_texts"], held["new_pair_texts"], role="validation split")
+    return PairSplit(validation, train, counts)
 
 
 GAIN_FLOOR = 1.0  # points of R@1: the smallest update-gain denominator the primary metric uses
@@ -579,7 +594,7 @@ def run_sweep(config: Config, space_path: str | Path, num_samples: int | None = 
     import ray
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from xbt_ray.pipeline import embed_step, init_ray, resolve_sources, timed
+    from xbt_ray.pipeline import init_ray, inputs_step, need, timed
 
     if num_samples is not None:
         config = dataclasses.replace(config, sweep=dataclasses.replace(config.sweep,
@@ -596,17 +611,20 @@ def run_sweep(config: Config, space_path: str | Path, num_samples: int | None = 
         mlflow.set_tag("xbt.kind", "sweep")
         mlflow.log_artifact(str(sweep_dir / "config.yaml"))
         mlflow.log_artifact(str(sweep_dir / "space.yaml"))
-        sources = resolve_sources(config, timings)
-        if not sources.image_text:
+        if not (config.data.embeddings or config.data.image_text or not (
+                config.data.text or config.data.eval)):
             raise ConfigError("a sweep validates on held-out training pairs: set data.image_text")
         # the only place encoders may run in a sweep: once per (model, data), caches reused;
-        # the caption corpus and the training pairs only (trials never read the eval split)
-        embedded = embed_step(config, sources, timings, TEXT_ROLES + PAIR_ROLES)
+        # the caption corpus and the training pairs only (trials never read the eval split).
+        # With data.embeddings (bring your own) nothing is encoded: the exports are imported.
+        _, embedded = inputs_step(config, timings, TEXT_ROLES + PAIR_ROLES)
+        need(embedded, TEXT_ROLES + PAIR_ROLES, "a sweep")
         encoded = sorted(name for name, r in embedded.items() if not r.reused)
         caches = {name: str(embedded[name].directory) for name in TEXT_ROLES + PAIR_ROLES}
         pairs = {role: cache.read_embeddings(caches[role]) for role in PAIR_ROLES}
         val_keys = choose_validation(pairs, config.sweep.val_fraction, config.seed)
         split = split_pairs(pairs, val_keys)
+        tracking.log_counts("data.validation", split.validation.data())
         gap = Validator(split.validation, config.eval).reference_gap()
         floored = sorted(d for d, g in gap.items() if g < GAIN_FLOOR)
         if floored:

@@ -5,6 +5,7 @@ Default store: SQLite `mlflow.db` in the working directory, artifacts beside it 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 from xbt_ray.config import Config, config_to_dict, flatten
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+MAX_METRIC_NAME = 250   # MLflow refuses longer metric keys (MAX_ENTITY_KEY_LENGTH)
+_KEPT_TAIL = 60         # of a shortened name, the end kept (direction, metric) after the hash
 
 
 def tracking_uri(config: Config) -> str:
@@ -21,9 +24,18 @@ def tracking_uri(config: Config) -> str:
 
 
 def metric_name(*parts: str) -> str:
-    """'xbt->old', 'i2t', 'R@1' -> 'xbt_to_old.i2t.R1' (MLflow allows no '@' or '>')."""
-    text = ".".join(parts).replace("->", "_to_").replace("@", "")
-    return _UNSAFE.sub("_", text)
+    """'xbt->old', 'i2t', 'R@1' -> 'xbt_to_old.i2t.R1' (MLflow allows no '@' or '>').
+
+    A name over MLflow's 250 characters (e.g. a very long method name) is shortened
+    deterministically: its head, '-', 8 hex digits of the full name's SHA-1, '-', its last
+    60 characters, so distinct names stay distinct and the metric's suffix stays readable."""
+    text = _UNSAFE.sub("_", ".".join(str(p) for p in parts).replace("->", "_to_")
+                       .replace("@", ""))
+    if len(text) <= MAX_METRIC_NAME:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    head = MAX_METRIC_NAME - _KEPT_TAIL - len(digest) - 2
+    return f"{text[:head]}-{digest}-{text[-_KEPT_TAIL:]}"
 
 
 def start_run(config: Config):
@@ -74,19 +86,30 @@ def log_report(report: dict) -> None:
         for direction, by_order in curves["auc"].items():
             for order, value in by_order.items():
                 metrics[metric_name(method, "backfill_auc", direction, order)] = value
+    data = report.get("data") or {}
+    for section in ("joins", "dropped", "read"):   # the evaluation's data accounting
+        metrics |= count_metrics(f"data.eval.{section}", data.get(section) or {})
     mlflow.log_metrics(metrics)
 
 
-def log_counts(prefix: str, counts: dict) -> None:
-    """Data accounting (rows in / used / skipped per reason) as metrics."""
-    import mlflow
-
+def count_metrics(prefix: str, counts: dict, _parts: tuple = ()) -> dict[str, float]:
+    """Metric names and values of (possibly nested) counts: {"a": {"b": 3}} -> {prefix.a.b: 3}.
+    Booleans and non-numbers are left out."""
     metrics = {}
     for key, value in counts.items():
+        parts = _parts + (str(key),)
         if isinstance(value, dict):
-            for reason, n in value.items():
-                metrics[metric_name(prefix, key, reason)] = n
-        elif isinstance(value, (int, float)):
-            metrics[metric_name(prefix, key)] = value
+            metrics |= count_metrics(prefix, value, parts)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[metric_name(prefix, *parts)] = value
+    return metrics
+
+
+def log_counts(prefix: str, counts: dict) -> None:
+    """Data accounting (rows in / used / skipped per reason, join counts; nested dicts at any
+    depth) as metrics."""
+    import mlflow
+
+    metrics = count_metrics(prefix, counts)
     if metrics:
         mlflow.log_metrics(metrics)

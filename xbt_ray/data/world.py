@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from xbt_ray.config import WorldConfig
 
-RECIPE_VERSION = 2  # bump when drawing or caption code changes: it is part of the fingerprint
+RECIPE_VERSION = 3  # bump when drawing or caption code changes: it is part of the fingerprint
 BROKEN_KINDS = ("undecodable", "null_image", "empty_caption")
 
 # -----------------------------------------------------------------------------
@@ -284,21 +284,31 @@ def build_world(cfg: WorldConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     size = cfg.image_size
 
-    # image-text pairs, one caption each, some broken on purpose
+    # image-text pairs in COCO / Flickr layout: one row per caption, 3-5 captions per image,
+    # each row carrying the image's bytes and `image_id`; row keys differ from image ids. Some
+    # images are broken on purpose (in every row that shows them), some captions are empty.
     rng, broken = _rng(cfg, "train"), _broken_rows(cfg, cfg.n_train_images)
     junk = _rng(cfg, "junk")
-    rows = []
+    rows, broken_keys = [], {kind: [] for kind in BROKEN_KINDS}
     for i in range(cfg.n_train_images):
         scene = draw_scene(rng, cfg)
-        row = _image_row(f"{i:09d}", encode_jpeg(render(scene, size)), caption(scene, rng), size)
+        jpg = encode_jpeg(render(scene, size))
         kind = broken.get(i)
         if kind == "undecodable":
-            row["jpg"] = b"not an image:" + junk.randbytes(256)
-        elif kind == "null_image":
-            row.update(jpg=None, width=None, height=None)
-        elif kind == "empty_caption":
-            row["txt"] = ""
-        rows.append(row)
+            jpg = b"not an image:" + junk.randbytes(256)
+        texts = distinct_captions(scene, rng, rng.randint(cfg.train_captions_min,
+                                                          cfg.train_captions_max))
+        for j, text in enumerate(texts):
+            row = _image_row(f"{len(rows):09d}", jpg, text, size)
+            row["image_id"] = f"img-{i:07d}"
+            if kind == "null_image":
+                row.update(jpg=None, width=None, height=None)
+            if kind == "empty_caption" and j == 0:
+                row["txt"] = ""
+            if kind and (kind != "empty_caption" or j == 0):
+                broken_keys[kind].append(row["key"])
+            rows.append(row)
+    rows_written = rows
     n_image_text_shards = _write_shards(rows, IMAGE_SCHEMA, out_dir / "image_text",
                                         cfg.rows_per_shard)
 
@@ -315,14 +325,14 @@ def build_world(cfg: WorldConfig, out_dir: Path) -> dict:
     manifest = {
         "fingerprint": world_fingerprint(cfg),
         "recipe_version": RECIPE_VERSION,
-        "counts": {"image_text": cfg.n_train_images, "text": cfg.n_text_captions,
+        "counts": {"image_text": len(rows_written), "image_text_images": cfg.n_train_images,
+                   "text": cfg.n_text_captions,
                    "eval_images": cfg.n_eval_images, "eval_captions": n_eval_captions},
         "shards": {"image_text": n_image_text_shards, "text": n_text_shards},
         "eval": {"annotations": f"eval/{EVAL_ANNOTATIONS}", "images": "eval/images",
                  "format": "karpathy", "split": EVAL_SPLIT, "protocol": EVAL_PROTOCOL},
         "broken": {kind: sum(k == kind for k in broken.values()) for kind in BROKEN_KINDS},
-        "broken_keys": {kind: [f"{i:09d}" for i, k in sorted(broken.items()) if k == kind]
-                        for kind in BROKEN_KINDS},
+        "broken_keys": broken_keys,
         "config": dataclasses.asdict(cfg),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

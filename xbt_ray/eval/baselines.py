@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from xbt_ray.config import ConfigError
-from xbt_ray.data.cache import Embeddings
+from xbt_ray.data.cache import Embeddings, as_ids
+from xbt_ray.data.join import join, same_items
 from xbt_ray.eval.retrieval import evaluate_directions, unit_rows
 from xbt_ray.models.projector import procrustes
 
@@ -72,50 +73,57 @@ class BaselineQueries:
     fit: dict = field(default_factory=dict)
 
 
-def _aligned(old: Embeddings, new: Embeddings, what: str):
-    """(keys, image_ids, old emb, new emb) over the keys both sets share."""
-    index = {k: i for i, k in enumerate(new.keys)}
-    rows = [(i, index[k]) for i, k in enumerate(old.keys) if k in index]
-    if not rows:
-        raise ConfigError(f"old and new support {what} share no keys")
-    io, jn = (np.array(x) for x in zip(*rows))
-    return old.keys[io], old.image_ids[io], old.emb[io], new.emb[jn]
-
-
 def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_images: np.ndarray,
                   split_old_captions: np.ndarray, split_new_captions: np.ndarray,
                   holdout: float, seed: int) -> dict[str, BaselineQueries]:
     """Fit every baseline on `support` and return its queries for the eval split.
 
+    Old and new support rows are aligned through xbt_ray.data.join (`same_items`); captions
+    link to support images by `image_id` (COCO layout: several captions per image, caption keys
+    differ from image ids). Support captions may include a caption corpus that describes no
+    support image, so that link accepts any share of unlinked captions (but not none). The
+    join counts are recorded in every row's `fit["joins"]`.
+
     The split's old embeddings are used only by the SLERP rows (which need the old encoder at
     query time); every other row maps the split's new embeddings alone.
     """
-    _, cap_image_ids, cap_old, cap_new = _aligned(support.old_captions, support.new_captions,
-                                                  "captions")
+    old_caps, new_caps, counts = same_items(support.old_captions, support.new_captions,
+                                            "baselines: old ~ new support captions")
+    joins = {"old_captions~new_captions": counts}
+    cap_old, cap_new = old_caps.emb, new_caps.emb
     maps = {"text": (cap_new, cap_old)}
     out = {}
     if support.old_images is not None and support.new_images is not None:
-        img_keys, _, img_old, img_new = _aligned(support.old_images, support.new_images, "images")
-        linked = np.isin(img_keys, cap_image_ids)
+        old_imgs, new_imgs, joins["old_images~new_images"] = same_items(
+            support.old_images, support.new_images, "baselines: old ~ new support images")
+        img_old, img_new = old_imgs.emb, new_imgs.emb
+        linked = join(old_caps, old_imgs, "baselines: support captions -> support images",
+                      on="image_id", min_fraction=0.0)
+        joins["old_captions->old_images"] = linked.counts
+        has_caption = np.zeros(len(old_imgs), bool)
+        has_caption[linked.right] = True
         rng = np.random.default_rng(seed)
-        held_images = linked & (rng.random(len(img_keys)) < holdout)
-        held_caps = np.isin(cap_image_ids, img_keys[held_images])
+        held_images = has_caption & (rng.random(len(old_imgs)) < holdout)
+        held_links = held_images[linked.right]           # links whose image is held out
+        held_caps = np.zeros(len(old_caps), bool)
+        held_caps[linked.left[held_links]] = True
         if held_images.sum() < 10:
             raise ConfigError(f"support images have only {int(held_images.sum())} held-out images "
-                              f"linked to captions; need >= 10 (eval.support_holdout, or captions "
-                              f"whose image_id names a support image)")
+                              f"linked to captions ({int(has_caption.sum())} of {len(old_imgs)} "
+                              f"images have a caption); need >= 10 (eval.support_holdout, or "
+                              f"captions whose image_id names a support image)")
         fit_img, fit_cap = ~held_images, ~held_caps
         maps = {"text": (cap_new[fit_cap], cap_old[fit_cap]),
                 "image": (img_new[fit_img], img_old[fit_img]),
                 "both": (np.concatenate([cap_new[fit_cap], img_new[fit_img]]),
                          np.concatenate([cap_old[fit_cap], img_old[fit_img]]))}
-        held = (img_keys[held_images], img_old[held_images], img_new[held_images],
-                cap_image_ids[held_caps], cap_old[held_caps], cap_new[held_caps])
+        held = (as_ids(old_imgs.keys[held_images]), img_old[held_images], img_new[held_images],
+                as_ids(old_caps.image_ids[held_caps]), cap_old[held_caps], cap_new[held_caps])
     for name, (new, old) in maps.items():
         w = procrustes_map(new, old)
         out[f"procrustes-{name}->old"] = BaselineQueries(
             unit_rows(split_new_images @ w), unit_rows(split_new_captions @ w), False,
-            {"support": name, "n_support": len(new)})
+            {"support": name, "n_support": len(new), "joins": joins})
     if "both" not in maps:
         return out
 
@@ -133,7 +141,8 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
     out["ridge->old"] = BaselineQueries(unit_rows(split_new_images @ w),
                                         unit_rows(split_new_captions @ w), False,
                                         {"support": "both", "n_support": len(new),
-                                         "lambda": lam, "heldout_r1": scores[lam]})
+                                         "lambda": lam, "heldout_r1": scores[lam],
+                                         "joins": joins})
     w = procrustes_map(new, old)
     scores = {a: heldout_r1(slerp(h_old_img, h_new_img @ w, a), slerp(h_old_cap, h_new_cap @ w, a))
               for a in ALPHAS}
@@ -143,5 +152,6 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
             slerp(split_old_images, split_new_images @ w, a),
             slerp(split_old_captions, split_new_captions @ w, a), True,
             {"support": "both", "n_support": len(new), "alpha": a,
-             "heldout_images": int(len(ids)), "heldout_r1": scores.get(a)})
+             "heldout_images": int(len(ids)), "heldout_captions": int(len(h_cap_ids)),
+             "heldout_r1": scores.get(a), "joins": joins})
     return out

@@ -84,6 +84,9 @@ def format_table(report) -> str:
     title = (f"**{report['dataset']}** ({report['protocol']}; {report['n_images']} images, "
              f"{report['n_captions']} captions)")
     out = [title, ""] + markdown_table(header, body)
+    note = data_note(report.get("data") or {})
+    if note:
+        out += ["", note]
 
     flipped = [r for r in rows if "flips" in r]
     if flipped:
@@ -92,7 +95,8 @@ def format_table(report) -> str:
         out += markdown_table(["method", "I2T PFR", "I2T NFR", "T2I PFR", "T2I NFR", "fit"],
                          [[r["method"]] + [f"{r['flips'][d][k]:.1f}" for d in DIRECTIONS
                                            for k in ("PFR", "NFR")]
-                          + [", ".join(f"{k}={v}" for k, v in r.get("fit", {}).items()) or "-"]
+                          + [", ".join(f"{k}={v}" for k, v in r.get("fit", {}).items()
+                                       if not isinstance(v, dict)) or "-"]
                           for r in flipped])
     if report.get("backfill"):
         out += ["", "Partial backfill: R@1 AUC over the re-embedded gallery fraction "
@@ -124,6 +128,19 @@ def format_table(report) -> str:
                          [[p["method"], p["new_model"] or "-", p["i2t_R1"], p["t2i_R1"],
                            p["needs_old_encoder"], p["source"]] for p in published])
     return "\n".join(out)
+
+
+def data_note(data: dict) -> str:
+    """One line on evaluation rows left out (split rows without a partner, unsearchable
+    vectors skipped on read), or "" when none were."""
+    parts = [f"{n} {what.replace('_', ' ')}" for what, n in (data.get("dropped") or {}).items()
+             if n]
+    for role, counts in (data.get("read") or {}).items():
+        for reason, n in (counts.get("skipped") or {}).items():
+            if n:
+                parts.append(f"{n} {role} rows skipped ({reason.replace('_', ' ')})")
+    return ("Left out of the evaluation: " + "; ".join(parts) + " (counts: report.json "
+            "`data`).") if parts else ""
 
 
 def published_rows(dataset: str, protocol: str) -> list[dict]:

@@ -38,13 +38,25 @@ def chunk_rows(gallery_size: int, max_chunk_mib: float) -> int:
     return max(1, int(max_chunk_mib * 2**20) // (_BYTES_PER_SCORE * max(1, gallery_size)))
 
 
-def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float = 256) -> np.ndarray:
+def _item(values, row: int):
+    """Row `row` of `values` as a plain Python value (for messages)."""
+    return np.asarray(values)[row:row + 1].tolist()[0]
+
+
+def _sample(keys, row: int) -> str:
+    return f"row {row} " if keys is None else f"key {_item(keys, row)!r} "
+
+
+def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float = 256,
+                query_keys=None) -> np.ndarray:
     """Each query's rank under exact cosine search, with pessimistic tie-breaking.
 
     rank = the number of INCORRECT gallery items scoring >= the query's best correct item
     (correct: gallery_ids == query_id); a query is a hit at K iff rank < K. Other correct items
     never count against a query. Queries are scored a chunk at a time; a chunk's working memory
     is about `max_chunk_mib` (float32 scores plus one boolean comparison per gallery item).
+    A query without any correct item is a ValueError naming a sample (its key from
+    `query_keys` when given, else its row) and its id.
     """
     q, g = _unit(queries), _unit(gallery)
     if len(q) != len(query_ids) or len(g) != len(gallery_ids):
@@ -59,9 +71,13 @@ def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float =
     counts = torch.bincount(g_codes, minlength=n_codes)
     starts = torch.cumsum(counts, 0) - counts
     n_correct = counts[q_codes]
-    orphans = int((n_correct == 0).sum())
-    if orphans:
-        raise ValueError(f"{orphans} of {len(q)} queries have no correct gallery item")
+    orphans = np.flatnonzero((n_correct == 0).numpy())
+    if len(orphans):
+        first = orphans[0]
+        raise ValueError(f"{len(orphans)} of {len(q)} queries have no correct gallery item "
+                         f"(e.g. query {_sample(query_keys, first)}with id "
+                         f"{_item(query_ids, first)!r}); join queries to the gallery "
+                         "first (xbt_ray.data.join) to drop or count them")
     offsets = torch.arange(int(n_correct.max()))
 
     ranks = torch.empty(len(q), dtype=torch.int64)
@@ -90,13 +106,15 @@ def recall_at_k(queries, gallery, query_ids, gallery_ids, ks=(1, 5, 10),
 
 
 def direction_ranks(image_queries, text_queries, image_gallery, text_gallery, image_ids,
-                    caption_image_ids, max_chunk_mib: float = 256) -> dict[str, np.ndarray]:
+                    caption_image_ids, max_chunk_mib: float = 256,
+                    caption_keys=None) -> dict[str, np.ndarray]:
     """Per-query ranks of both directions: I2T (images vs caption gallery), T2I (captions vs
-    image gallery)."""
+    image gallery). An image's key is its id; `caption_keys` (optional) name caption queries
+    in errors."""
     return {"i2t": query_ranks(image_queries, text_gallery, image_ids, caption_image_ids,
-                               max_chunk_mib),
+                               max_chunk_mib, query_keys=image_ids),
             "t2i": query_ranks(text_queries, image_gallery, caption_image_ids, image_ids,
-                               max_chunk_mib)}
+                               max_chunk_mib, query_keys=caption_keys)}
 
 
 def cell_of(ranks: dict[str, np.ndarray], ks=(1, 5, 10)) -> dict:

@@ -76,15 +76,30 @@ def _scan(directory: Path) -> dict:
 
 
 def _read(paths) -> cache.Embeddings:
-    """One embedding cache, or several (a list of paths) concatenated."""
+    """One embedding cache, or several (a list of paths) concatenated; read counts (rows in,
+    used, skipped per reason) are summed over the parts."""
     if isinstance(paths, (str, Path)):
         return cache.read_embeddings(paths)
     parts = [cache.read_embeddings(p) for p in paths]
     if len({p.emb.shape[1] for p in parts}) > 1:
-        raise ConfigError(f"caches {paths} have different dimensions")
+        raise ConfigError(f"caches {[str(p) for p in paths]} have different dimensions")
     return cache.Embeddings(np.concatenate([p.keys for p in parts]),
                             np.concatenate([p.image_ids for p in parts]),
-                            np.concatenate([p.emb for p in parts]), parts[0].meta)
+                            np.concatenate([p.emb for p in parts]), parts[0].meta,
+                            " + ".join(p.source for p in parts),
+                            _sum_counts([p.counts for p in parts]))
+
+
+def _sum_counts(counts: list[dict]) -> dict:
+    """Read counts of several parts added up (nested dicts key by key)."""
+    total: dict = {}
+    for part in counts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                total[key] = _sum_counts([total.get(key, {}), value])
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 def load_inputs(path: str | Path) -> EvalInputs:
@@ -108,8 +123,8 @@ def load_inputs(path: str | Path) -> EvalInputs:
     queries = {}
     for name, roles in doc.get("queries", {}).items():
         method = name if "->" in name else f"{name}->old"
-        queries[method] = (split.rows_of(_read(roles["images"]), "image"),
-                           split.rows_of(_read(roles["captions"]), "caption"))
+        queries[method] = (split.rows_of(_read(roles["images"]), "image", method),
+                           split.rows_of(_read(roles["captions"]), "caption", method))
     support = None
     roles = doc.get("support") or {}
     if roles:
