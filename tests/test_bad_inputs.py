@@ -21,7 +21,7 @@ A bad row is either skipped and counted under a named reason (it keeps travellin
 | empty or whitespace-only caption | skipped: `empty_caption` |
 | caption that is not UTF-8 (binary column, or invalid bytes in a string column) | skipped: `non_utf8_caption` |
 | very long caption | embedded: truncated by the tokenizer to the context length (not counted) |
-| duplicate keys | refused: the embedding job embeds both rows, then `read_embeddings` (and `align`, `write_embeddings`) raise `embedding cache <dir> has 1 duplicate keys (e.g. 'k'); keys must be unique, deduplicate the source shards`; null keys likewise |
+| duplicate keys | refused: the embedding job checks the written keys (Ray Data group-by) and raises `shards ... hold 1 duplicate keys (e.g. 'k') ...` before marking the cache complete; `read_embeddings`, `write_embeddings` and every join refuse repeated keys too; null keys likewise |
 | parquet shard whose columns or types differ from the first shard | refused: `shard <file> has a different schema than <first>: lacks txt` (or `has image_id, which <first> lacks`, `txt is binary, not string`) |
 | shard lacking a required column, `jpg` not binary, or not parquet at all | refused: `shard <file> lacks columns ['jpg']`, `... expected binary image bytes`, `... is not a readable parquet file` |
 | embeddings of the wrong dimension | refused: `embedding file <f> has dim 6, metadata says 8`; `expect={"dim": ...}` refuses `has dim=8, expected 16` |
@@ -469,23 +469,27 @@ def model(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_embedding_job_counts_every_bad_row(ray_session, shard, model, tmp_path):
-    """One shard with every row-level kind: both jobs finish, every row is accounted for, and
-    the cache with the duplicate key is refused when read, not silently misaligned."""
+    """Every row-level kind: every row is accounted for; the shard that repeats a key is
+    refused by the job itself, before its cache is marked complete."""
+    unique = [r for i, r in enumerate(ROWS) if r[0] not in {q[0] for q in ROWS[:i]}]
+    clean = _write_shard(tmp_path / "clean" / "part-00000.parquet", unique)
     for modality, column in (("image", 3), ("text", 4)):
-        result = embed_shards([shard], modality, model, tmp_path, EmbedConfig(batch_size=8))
-        reasons = Counter(r[column] for r in ROWS if r[column])
+        result = embed_shards([clean], modality, model, tmp_path, EmbedConfig(batch_size=8))
+        reasons = Counter(r[column] for r in unique if r[column])
         counts = result.counts
-        assert counts == {"rows_in": len(ROWS), "rows_embedded": len(ROWS) - sum(reasons.values()),
-                          "skipped": dict(reasons)}, modality
-        assert counts["rows_in"] == counts["rows_embedded"] + sum(counts["skipped"].values())
-
+        assert counts == {"rows_in": len(unique),
+                          "rows_embedded": len(unique) - sum(reasons.values()),
+                          "deduplicated": 0, "skipped": dict(reasons)}, modality
         parts = pq.read_table(sorted(result.directory.glob("part-*.parquet")))
-        assert sorted(parts.column("key").to_pylist()) == sorted(r[0] for r in ROWS if not r[column])
+        assert sorted(parts.column("key").to_pylist()) == sorted(
+            r[0] for r in unique if not r[column])
         emb = np.array(parts.column("emb").to_pylist(), dtype=np.float32)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
+
         with pytest.raises(ConfigError) as info:
-            cache.read_embeddings(result.directory)
-        assert "duplicate keys (e.g. 'good-0')" in _one_line(info)
+            embed_shards([shard], modality, model, tmp_path / "dup", EmbedConfig(batch_size=8))
+        assert "1 duplicate keys (e.g. 'good-0')" in _one_line(info)
+        assert not list((tmp_path / "dup").rglob(cache.SUCCESS))
 
 
 # ---------------------------------------------------------------- webdataset tars (Ray)

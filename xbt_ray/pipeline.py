@@ -360,6 +360,25 @@ def training_data_counts(config: Config) -> dict:
     return out
 
 
+def data_summary(data: dict) -> str:
+    """The run's row accounting, a line per embedding set and per join, for the console."""
+    lines = ["data: rows in = embedded + deduplicated + skipped"]
+    for name, c in data.items():
+        if isinstance(c, dict) and "rows_embedded" in c:
+            lines.append(f"  {name:<20} {c['rows_in']:>8} = {c['rows_embedded']} + "
+                         f"{c.get('deduplicated', 0)} + {sum(c['skipped'].values())} "
+                         f"{c['skipped'] or ''}")
+    joins = dict(data.get("joins") or {})
+    for section in ("stage1", "stage2", "stage2_anchored"):
+        joins |= {f"{section}: {k}": v for k, v in (data.get(section) or {}).get("joins",
+                                                                               {}).items()}
+    if joins:
+        lines.append("joins: joined (unmatched left / right)")
+        lines += [f"  {name:<48} {c['joined']:>8} ({c['unmatched_left']} / "
+                  f"{c['unmatched_right']})" for name, c in joins.items()]
+    return "\n".join(lines)
+
+
 STEPS = ("embed", "stage1", "stage2", "evaluate")
 
 
@@ -421,6 +440,7 @@ def run_pipeline(config: Config, until: str = "evaluate", train: bool = True) ->
         for path in list(paths.values()) + [run_dir / "eval_inputs.json"]:
             mlflow.log_artifact(str(path))
         run_id = mlflow.active_run().info.run_id
+    print(data_summary(report["data"]))
     print(format_table(report))
     print("\nreport: " + "\n        ".join(str(p) for p in paths.values()))
     print(f"MLflow run {run_id} in {tracking.tracking_uri(config)}\n"

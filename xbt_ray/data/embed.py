@@ -93,7 +93,7 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
     if modality == "image":
         ds = shards.read_rows(files, ["key", "image_id", "jpg"])
         if has_image_ids(files):
-            ds, deduplicated = one_row_per_image(ds)
+            ds, deduplicated = one_row_per_image(ds, partitions(len(files)))
         ds = ds.map_batches(shards.decode_images, fn_kwargs={"size": clip.image_size(model.name)},
                             batch_size=cfg.batch_size, num_cpus=shards.CPU_STAGE_NUM_CPUS)
     else:
@@ -146,12 +146,19 @@ def has_image_ids(files: list[str]) -> bool:
     return files[0].endswith(".parquet") and "image_id" in pq.read_schema(files[0]).names
 
 
-def one_row_per_image(ds):
+def partitions(n_files: int) -> int:
+    """Shuffle partitions of a group-by over `n_files` shards: one per shard, within [1, 256]
+    (Ray Data's default of 200 hash-shuffle aggregators dwarfs small jobs on a small machine)."""
+    return max(1, min(256, n_files))
+
+
+def one_row_per_image(ds, num_partitions: int):
     """Image-text rows -> one row per image id, so each image is decoded and encoded once
     (COCO / Flickr layout: one row per caption, several rows per image). The row's key becomes
     the image id, which is what caption rows name in their `image_id`. Returns (dataset, rows
     deduplicated); the dataset is materialised (the count needs the grouping to have run)."""
-    grouped = ds.groupby("image_id").map_groups(_first_image, batch_format="pyarrow").materialize()
+    grouped = (ds.groupby("image_id", num_partitions=num_partitions)
+               .map_groups(_first_image, batch_format="pyarrow").materialize())
     rows = grouped.sum("rows") or 0
     return grouped.drop_columns(["rows"]), int(rows) - grouped.count()
 
@@ -179,7 +186,8 @@ def refuse_duplicate_keys(directory: Path, files: list[str]) -> None:
     written = sorted(str(p) for p in directory.glob("part-*.parquet"))
     if not written:
         return
-    repeated = (ray.data.read_parquet(written, columns=["key"]).groupby("key").count()
+    repeated = (ray.data.read_parquet(written, columns=["key"])
+                .groupby("key", num_partitions=partitions(len(written))).count()
                 .filter(lambda row: row["count()"] > 1))
     sample = repeated.take(1)
     if sample:
