@@ -214,7 +214,7 @@ def test_validate_boundaries_accepted():
 def test_repo_demo_yaml_loads():
     config = load_config(ROOT / "configs" / "demo.yaml")
     assert config.run_name == "demo"
-    assert config.train_old.epochs == 6 and config.train_old.lr == 5.0e-4
+    assert config.train_old.epochs == 2 and config.train_old.lr == 5.0e-4
     assert config.projector.width == 256
     # keys demo.yaml does not set keep their defaults
     assert config.world.rows_per_shard == 1000
@@ -222,7 +222,7 @@ def test_repo_demo_yaml_loads():
 
 def test_repo_tiny_yaml_loads():
     config = load_config(ROOT / "configs" / "tiny.yaml")
-    assert config.world.n_train_images == 320 and config.world.broken_fraction == 0.03
+    assert config.world.n_train_images == 100 and config.world.broken_fraction == 0.03
     assert config.old.name == "xbt-test-old" and config.new.name == "xbt-test-new"
     assert config.old.pretrained == ""
     assert config.projector.depth == 1 and config.projector.width == 64
