@@ -10,6 +10,8 @@ baseline and repeated (median quoted); see benchmarks/README.md for the method:
   c. eval_fraction_of_matmul   query_ranks vs the bare chunked q @ g.T (subprocess: peak RSS)
   d. encoder_runs_per_sweep    K stage-1 trials over one cache vs K x (embed + train)
   e. xbt_over_backfill_1b      XBT's compute vs re-embedding a gallery, from a-d's throughputs
+  scaling                      driver peak RSS, object-store peak, seconds per row of the
+                               embedding job and stage 1 at N, 4N, 16N rows (benchmarks/scaling.py)
 """
 from __future__ import annotations
 
@@ -352,7 +354,6 @@ def bench_train_ray(preset: Preset, d_in: int, d_out: int, device: str, work: Pa
     its epoch reports (epochs 2..E; the first pays worker start and DeepSpeed init)."""
     from ray.train import UserCallback
 
-    from xbt_ray.data.cache import Embeddings
     from xbt_ray.train.stage1 import train_stage1
 
     class Clock(EpochClock, UserCallback):
@@ -362,11 +363,14 @@ def bench_train_ray(preset: Preset, d_in: int, d_out: int, device: str, work: Pa
     rows = preset.ray_train_rows
     keys = np.array([f"cap{i:07d}" for i in range(rows)], dtype=object)
 
-    def table(dim):
+    def table(name, dim):  # a bring-your-own cache of unit vectors
         x = rng.standard_normal((rows, dim), dtype=np.float32)
-        return Embeddings(keys, keys, x / np.linalg.norm(x, axis=1, keepdims=True), {})
+        directory = work / f"stage1-{name}-{time.time_ns()}"
+        cache.write_embeddings(directory, keys, keys, x / np.linalg.norm(x, axis=1, keepdims=True),
+                               cache.make_meta(name, "random", dim, "bench", "text"))
+        return directory
 
-    new, old = table(d_in), table(d_out)
+    new, old = table("new", d_in), table("old", d_out)
     gpu = device == "cuda"
     trainer = TrainerConfig(num_workers=preset.ray_train_workers, use_gpu=gpu,
                             cpus_per_worker=1.0 if gpu else 0.5)
@@ -469,9 +473,8 @@ def bench_sweep(preset: Preset, world: Path, old: ModelConfig, new: ModelConfig,
         results = [embed_shards(files, "text", m, root, embed_cfg) for m in (new, old)]
         embedded = time.perf_counter()
         encoder_runs[path] += sum(not r.reused for r in results)
-        tables = [cache.read_embeddings(r.directory) for r in results]
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Train resets it
-        train_stage1(tables[0], tables[1], ProjectorConfig(), recipe, trainer,
+        train_stage1(results[0].directory, results[1].directory, ProjectorConfig(), recipe, trainer,
                      run_name=f"bench-{path}-{k}-{time.time_ns()}", storage_path=work / "ray-train",
                      out_dir=work / f"{path}-{k}", seed=k)
         end = time.perf_counter()
@@ -718,6 +721,36 @@ def to_markdown(res: dict) -> str:
         rates = ", ".join(f"{k} {fmt(v)}" for k, v in x["rates"].items())
         lines += ["", f"Rates: {rates}. Break-even gallery: {fmt(x['break_even_gallery_items'])} "
                   "items."]
+    sc = res.get("scaling")
+    if sc:
+        st = sc["settings"]
+        lines += ["", "## scaling: the embedding job and stage 1 at N, 4N, 16N rows", "",
+                  f"One local Ray head ({st['head_num_cpus']} CPUs, object store "
+                  f"{st['object_store_capacity_gib']:.1f} GiB); every size in a fresh driver "
+                  f"process. Embed: {st['embed']['model']} text tower, caption shards of "
+                  f"{st['rows_per_shard']} rows. Stage 1: bring-your-own float16 caches "
+                  f"{st['stage1']['new_dim']}->{st['stage1']['old_dim']}, 1 epoch, batch "
+                  f"{st['stage1']['batch_size']}. Object store: peak in use while the driver "
+                  "ran, minus before.", "",
+                  "| case | rows | driver peak RSS GiB | object store peak GiB | spilled GiB | "
+                  "s/row (x1e6) | s |", "|---|---|---|---|---|---|---|"]
+        for case in ("embed", "stage1"):
+            for r in (sc.get(case) or {}).get("sizes", []):
+                lines.append(f"| {case} | {r['rows']} | {fmt(r['driver_peak_rss_gib'])} | "
+                             f"{fmt(r['object_store_peak_gib'])} | "
+                             f"{fmt(r['object_store_spilled_gib'])} | "
+                             f"{fmt(r['seconds_per_row'] * 1e6)} | {fmt(r['seconds'])} |")
+        lines += ["", "| case | driver RSS growth (goal <= 1.2) | s/row growth (goal <= 1.3) | "
+                  "object store growth | marginal s/row growth |", "|---|---|---|---|---|"]
+        for case in ("embed", "stage1"):
+            g = sc.get(case)
+            if g and "goals" in g:
+                met = {k: "" if v["met"] is None else (" (met)" if v["met"] else " (not met)")
+                       for k, v in g["goals"].items()}
+                lines.append(f"| {case} | {fmt(g['driver_rss_growth'])}{met['driver_rss_growth']}"
+                             f" | {fmt(g['seconds_per_row_growth'])}"
+                             f"{met['seconds_per_row_growth']} | {fmt(g['object_store_growth'])}"
+                             f" | {fmt(g['marginal_seconds_per_row_growth'])} |")
     if res["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -738,9 +771,12 @@ def run(preset: Preset, out_dir: Path = RESULTS, use_ray: bool | None = None,
            "device": device_info(device, cores), "settings": preset.to_dict()}
     res |= {name: None for name in HEADLINE}
     res |= {"skipped": {}, "part_seconds": {}}
-    world = demo_world(preset, work)
+    selected = set(parts) or {"pipeline", "train", "eval", "sweep", "economics", "scaling"}
+    world = demo_world(preset, work) if selected & {"pipeline", "sweep", "economics"} else None
     old, new = random_model(preset.old_model, work), random_model(preset.new_model, work)
-    if use_ray:
+    # one Ray instance for a, b and d; the scaling part starts a head of its own
+    shared_ray = use_ray and bool(selected & {"pipeline", "train", "sweep"})
+    if shared_ray:
         import ray
 
         os.environ.pop("RAY_ADDRESS", None)  # never join another Ray on this machine
@@ -781,14 +817,26 @@ def run(preset: Preset, out_dir: Path = RESULTS, use_ray: bool | None = None,
         part("economics", lambda: bench_economics(preset, world, old, new, device),
              {"xbt_over_backfill_1b": "xbt_over_backfill_1b"})
     finally:
-        if use_ray:
+        if shared_ray:
             import ray
 
             ray.shutdown()
+    if use_ray:  # after the shared instance is gone: its own head, fresh driver processes
+        from benchmarks.scaling import bench_scaling
+
+        part("scaling", lambda: bench_scaling(preset, work, random_model(preset.scaling_model,
+                                                                          work), device, cores),
+             {})
     if not use_ray:
         res["skipped"] = {"pipeline": "needs Ray (bare loop measured only)",
-                          "train.ray_train": "needs Ray", "sweep": "needs Ray"} | res["skipped"]
+                          "train.ray_train": "needs Ray", "sweep": "needs Ray",
+                          "scaling": "needs Ray"} | res["skipped"]
     res["goals_met"] = {k: check_goal(k, res[k]) for k in HEADLINE}
+    for case, got in (res.get("scaling") or {}).items():  # scaling.<case>.<growth>: <= goal
+        if isinstance(got, dict) and "failed" in got:
+            res["skipped"][f"scaling.{case}"] = f"failed: {got['failed'][-500:]}"
+        for name, goal in (got.get("goals") or {}).items() if isinstance(got, dict) else ():
+            res["goals_met"][f"scaling.{case}.{name}"] = goal["met"]
     res["device"]["load_average_end"] = os.getloadavg()
     res["wall_time_s"] = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -806,7 +854,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(RESULTS), help="directory for latest.json / latest.md")
     p.add_argument("--no-ray", action="store_true", help="pure-compute parts only")
     p.add_argument("--only", default="", help="comma-separated parts: "
-                   "pipeline,train,eval,sweep,economics (default: all)")
+                   "pipeline,train,eval,sweep,economics,scaling (default: all)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override preset fields, e.g. repeats=5 eval_queries=0")
     args = p.parse_args(argv)

@@ -2,17 +2,22 @@
 full backfill, from throughputs measured on this machine.
 
     python -m benchmarks.cluster_estimate [--config configs/clip-b32-to-l14.yaml] [--gpu a10g]
+        [--precision bf16]
 
 Measured here, with the config's real architectures (seeded random weights: same compute as the
-OpenAI ones, nothing downloaded): items/s of the four encoder towers (forward, fp32, as the
-embedding job runs them), pairs/s of a stage-2 step (LoRA on the new image tower, frozen text
-tower and psi), rows/s of a stage-1 step (psi of the config's depth and width), FLOPs per item
-of each (torch's FlopCounterMode) and this device's fp32 matmul rate.
+OpenAI ones, nothing downloaded): items/s of the four encoder towers (forward), pairs/s of a
+stage-2 step (LoRA on the new image tower, frozen text tower and psi), rows/s of a stage-1 step
+(psi of the config's depth and width), FLOPs per item of each (torch's FlopCounterMode) and this
+device's fp32 matmul rate.
 
-On a GPU the measured rates are the estimate. On a CPU the GPU's rate is projected: each step
-is assumed to reach the same fraction of the GPU's datasheet peak (fp32 for the encoders, bf16
-for training, as the config runs them) as it reached here of the measured matmul rate. That is
-an assumption, marked as such in the output; run this script on one GPU node to replace it.
+Every encoder pass is priced at ONE precision, `--precision` (default bf16: what
+`embed.precision: auto` runs on a GPU): XBT's own embedding jobs and the full backfill alike,
+so the break-even gallery is not flattered by an fp32 backfill. Training runs at the config's
+`trainer.precision`. On a GPU the encoders are timed at that precision (torch.autocast, as the
+embedding job runs them) and the measured rates are the estimate. On a CPU everything is timed
+in fp32 and the GPU's rate is projected: each step is assumed to reach the same fraction of the
+GPU's datasheet peak at its precision as it reached here of the measured fp32 matmul rate. That
+is an assumption, marked as such in the output; run this script on one GPU node to replace it.
 
 Writes benchmarks/results/cluster.json and cluster.md and rewrites the table between the
 `cluster-estimate` markers in docs/cluster.md.
@@ -39,9 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "cluster.md"
 BEGIN, END = "<!-- cluster-estimate:begin -->", "<!-- cluster-estimate:end -->"
 
-# Datasheet peaks (dense TFLOP/s) of the GPUs the cluster files name.
-GPU_PEAKS = {"a10g": {"name": "NVIDIA A10G", "fp32": 31.2, "bf16": 125.0},
-             "a100": {"name": "NVIDIA A100 40GB", "fp32": 19.5, "bf16": 312.0}}
+# Datasheet peaks (dense TFLOP/s, tensor cores for bf16 / fp16) of the GPUs the cluster files name.
+GPU_PEAKS = {"a10g": {"name": "NVIDIA A10G", "fp32": 31.2, "bf16": 125.0, "fp16": 125.0},
+             "a100": {"name": "NVIDIA A100 40GB", "fp32": 19.5, "bf16": 312.0, "fp16": 312.0}}
+# Precision of every encoder pass on the cluster (XBT's and the full backfill's): `--precision`
+ENCODER_PRECISION = "bf16"
 
 # The datasets of docs/cluster.md, section 3 (published sizes).
 CAPTIONS = 3_732_446          # stage-1 text corpus
@@ -51,11 +58,17 @@ EVAL_CAPTIONS = 377_714
 SWEEP_TRIALS = 32             # `jobs/sweep.py --num-samples 32` in docs/cluster.md
 GALLERIES = (1_000_000, 100_000_000, 1_000_000_000)
 
-# Which measured rate each piece of work runs at: key -> (model, precision on the cluster).
-RATES = {"old_text": ("old text tower", "fp32"), "new_text": ("new text tower", "fp32"),
-         "old_image": ("old image tower", "fp32"), "new_image": ("new image tower", "fp32"),
-         "stage1": ("psi step", "bf16"), "stage2": ("LoRA step, new image tower", "bf16")}
+# The measured rates each piece of work runs at: key -> what was timed.
+RATES = {"old_text": "old text tower", "new_text": "new text tower",
+         "old_image": "old image tower", "new_image": "new image tower",
+         "stage1": "psi step", "stage2": "LoRA step, new image tower"}
 ENCODERS = ("old_text", "new_text", "old_image", "new_image")
+
+
+def precisions(config, encoder_precision: str) -> dict[str, str]:
+    """Precision of each RATES key on the cluster: `encoder_precision` for every encoder (XBT's
+    embedding jobs and the backfill alike), the config's trainer.precision for stages 1 and 2."""
+    return {k: encoder_precision if k in ENCODERS else config.trainer.precision for k in RATES}
 
 
 def workload(config) -> list[dict]:
@@ -87,12 +100,12 @@ def sweep_work(config) -> dict:
             "items": SWEEP_TRIALS * config.stage1.epochs * CAPTIONS, "rate": "stage1"}
 
 
-def gpu_rates(measured: dict, gpu: dict, on_gpu: bool) -> dict:
+def gpu_rates(measured: dict, gpu: dict, on_gpu: bool, precision: dict[str, str]) -> dict:
     """items/s per GPU for each rate key: the measured rate on a GPU, else the projection
-    utilisation x peak(precision) / FLOPs per item."""
+    utilisation x peak(precision[key]) / FLOPs per item."""
     if on_gpu:
         return {k: m["items_per_s"] for k, m in measured.items()}
-    return {k: m["utilisation"] * gpu[RATES[k][1]] * 1e12 / m["flops_per_item"]
+    return {k: m["utilisation"] * gpu[precision[k]] * 1e12 / m["flops_per_item"]
             for k, m in measured.items()}
 
 
@@ -151,13 +164,16 @@ def matmul_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def measure(config, preset, device: str, work: Path) -> dict:
-    """Rates and FLOPs per item of every RATES key on this device, and the matmul rate."""
+def measure(config, preset, device: str, work: Path, encoder_precision: str) -> dict:
+    """Rates and FLOPs per item of every RATES key on this device, and the matmul rate. On a
+    GPU the encoders run at `encoder_precision` (torch.autocast, as the embedding job runs
+    them); on a CPU in fp32 (projected to the GPU's peak at that precision later)."""
     old = bench.random_model(config.old.name, work)
     new = bench.random_model(config.new.name, work)
     captions = ["a photo of a dog running on the grass next to a red ball"]
     matmul_before = matmul_gflops(device)
-    rates = bench.encoder_rates(preset, old, new, captions, device)
+    with clip.encoder_autocast(encoder_precision if device == "cuda" else "fp32", device):
+        rates = bench.encoder_rates(preset, old, new, captions, device)
     rates |= bench.stage2_rate(preset, old, new, captions, device)
     rates["stage1_pairs_per_s"] = bench.stage1_rate(preset, old, new, device, config.projector)
     matmul = (matmul_before + matmul_gflops(device)) / 2
@@ -193,7 +209,7 @@ def per_item_flops(old: ModelConfig, new: ModelConfig, proj: ProjectorConfig, pr
 
 
 def to_markdown(res: dict) -> str:
-    est, gpu, dev = res["estimate"], res["gpu"], res["device"]
+    est, gpu, dev, precision = res["estimate"], res["gpu"], res["device"], res["precisions"]
     projected = not res["on_gpu"]
     here = (f"{dev.get('cpu', 'cpu')}, {dev['cores']} cores" if projected else dev["gpu"])
     kind = "projected" if projected else "measured"
@@ -213,7 +229,8 @@ def to_markdown(res: dict) -> str:
     lines += [f"| | **total, without the sweep** | | | **{est['total_gpu_hours']:,.1f}** | "
               f"{est['total_here_hours']:,.0f} |", "",
               "The same upgrade against re-embedding the gallery with the new image tower "
-              "(a full backfill):", "",
+              f"(a full backfill), at the same {precision['new_image']} as XBT's own encoder "
+              "passes:", "",
               f"| gallery images | backfill {gpu['name']} GPU-hours | XBT / backfill | "
               "XBT / backfill, measured rates only |", "| --- | --- | --- | --- |"]
     for b in est["backfills"]:
@@ -225,17 +242,20 @@ def to_markdown(res: dict) -> str:
               "| step | measured items/s | GFLOP / item | utilisation | runs on the cluster in |",
               "| --- | --- | --- | --- | --- |"]
     for key, m in res["measured"].items():
-        lines.append(f"| {RATES[key][0]} ({key}) | {m['items_per_s']:,.1f} | "
+        lines.append(f"| {RATES[key]} ({key}) | {m['items_per_s']:,.1f} | "
                      f"{m['flops_per_item'] / 1e9:.2f} | {m['utilisation']:.2f} | "
-                     f"{RATES[key][1]} |")
+                     f"{precision[key]} |")
     if not projected:
-        lines += ["", "Training steps were timed in fp32; the cluster config trains in bf16, so "
-                  "rows 11 to 13 and the sweep are upper bounds."]
+        lines += ["", f"Encoders were timed at {precision['new_image']} (torch.autocast). "
+                  "Training steps were timed in fp32; where the config trains in bf16, rows 11 "
+                  "to 13 and the sweep are upper bounds."]
     if projected:
-        lines += ["", f"**Projection, not a GPU measurement:** {gpu['name']} rates assume each "
-                  "step reaches the same fraction of the GPU's datasheet peak "
-                  f"({gpu['fp32']} fp32 / {gpu['bf16']} bf16 dense TFLOP/s) as it reached here "
-                  "of this CPU's matmul rate; the FLOP counts cancel, so it is the measured rate "
+        peaks = " / ".join(f"{gpu[p]} {p}" for p in dict.fromkeys(precision.values()))
+        lines += ["", f"**Projection, not a GPU measurement:** every step was timed here in "
+                  f"fp32; {gpu['name']} rates assume each step reaches the same fraction of the "
+                  f"GPU's datasheet peak at its precision ({peaks} dense TFLOP/s) as it reached "
+                  "here of this CPU's fp32 matmul rate; the FLOP counts cancel, so it is the "
+                  "measured rate "
                   "times the GPU's peak over the measured matmul rate. Decoding JPEGs, data "
                   "loading, node start-up and "
                   "image pulls are not included. The last column of the backfill table needs "
@@ -254,6 +274,9 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default=str(ROOT / "configs" / "clip-b32-to-l14.yaml"))
     p.add_argument("--gpu", default="a10g", choices=sorted(GPU_PEAKS),
                    help="GPU to project to when measuring on a CPU")
+    p.add_argument("--precision", default=ENCODER_PRECISION, choices=("bf16", "fp16", "fp32"),
+                   help="precision of every encoder pass on the cluster: XBT's embedding jobs "
+                   "and the full backfill alike")
     p.add_argument("--out", default=str(bench.RESULTS))
     p.add_argument("--doc", default=str(DOC), help="markdown file whose marked table to rewrite")
     p.add_argument("--work", default=str(bench.WORK), help="where the random-weight models go")
@@ -269,17 +292,19 @@ def main(argv=None) -> dict:
                   PRESETS["small"], encoder_batch=16, encoder_window=1, stage2_batch=4,
                   stage2_window=1, train_batch=512, train_window=4))
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    got = measure(config, preset, device, Path(args.work))
+    got = measure(config, preset, device, Path(args.work), args.precision)
     gpu = GPU_PEAKS[args.gpu] if not on_gpu else {
-        "name": torch.cuda.get_device_name(0), "fp32": None, "bf16": None}
+        "name": torch.cuda.get_device_name(0), "fp32": None, "bf16": None, "fp16": None}
+    precision = precisions(config, args.precision)
     here = {k: m["items_per_s"] for k, m in got["rates"].items()}
     res = {"started": started, "device": bench.device_info(device, cores), "on_gpu": on_gpu,
            "config": args.config, "models": {"old": config.old.name, "new": config.new.name},
-           "gpu": gpu, "matmul_gflops": got["matmul_gflops"], "measured": got["rates"],
+           "gpu": gpu, "precisions": precision, "matmul_gflops": got["matmul_gflops"],
+           "measured": got["rates"],
            "batches": {"encoder": preset.encoder_batch, "stage2": preset.stage2_batch,
                        "stage1": preset.train_batch},
            "estimate": estimate(workload(config), sweep_work(config),
-                                gpu_rates(got["rates"], gpu, on_gpu), here)}
+                                gpu_rates(got["rates"], gpu, on_gpu, precision), here)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cluster.json").write_text(json.dumps(res, indent=2) + "\n")

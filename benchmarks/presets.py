@@ -55,7 +55,18 @@ class Preset:
     stage1_epochs: int = 20          # Stage1Config default
     stage2_epochs: int = 3           # Stage2Config default
     galleries: tuple = (1_000_000, 100_000_000, 1_000_000_000)
-    use_ray: bool = True             # a (pipeline), b (Ray Train row) and d need Ray
+    # scaling: driver peak RSS, object-store peak and seconds per row of the embedding job and
+    # of stage 1 at sizes N, 4N, 16N (benchmarks/scaling.py), each in a fresh driver process
+    scaling_rows: int = 100_000      # N; the largest size is N x factor^(sizes - 1) = 1.6M
+    scaling_factor: int = 4
+    scaling_sizes: int = 3
+    scaling_cases: str = "embed,stage1"
+    scaling_model: str = "xbt-test-old"  # the smallest text tower registered here (embed case)
+    scaling_stage1_batch: int = 4096     # capped at N/4 so that a small N still has steps
+    scaling_object_store_gib: float = 4.0  # the local head's fixed object store
+    scaling_sample_s: float = 0.5    # object store sampling interval
+    scaling_timeout_s: float = 3600  # per driver process
+    use_ray: bool = True             # a (pipeline), b (Ray Train row), d and scaling need Ray
 
     def to_dict(self) -> dict:
         return asdict(self)

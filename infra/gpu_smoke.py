@@ -39,15 +39,19 @@ def main(out_path: str) -> None:
              "image_id": np.array([f"k{i}" for i in range(64)], dtype=object),
              "pixels": rng.integers(0, 256, (64, 48, 48, 3), dtype=np.uint8),
              "skip_reason": np.array([""] * 63 + ["undecodable_image"], dtype=object)}
-    encoder = Encoder(new, "image", threads=4)
+    encoder = Encoder(new, "image", threads=4, precision="fp32")
     out = encoder(batch)
+    auto = Encoder(new, "image", threads=4)   # embed.precision auto: bf16 (fp16) on a GPU
     with torch.no_grad():
         cpu = new_model.encode_image(clip.pixels_to_input(
             torch.from_numpy(batch["pixels"][:63]), new_model.visual.preprocess_cfg),
             normalize=True).numpy()
     report["encoder"] = {"device": str(encoder.device),
                          "max_abs_diff_vs_cpu": float(np.abs(out["emb"][:63] - cpu).max()),
-                         "skipped_row_is_zero": bool((out["emb"][63] == 0).all())}
+                         "skipped_row_is_zero": bool((out["emb"][63] == 0).all()),
+                         "auto_precision": auto.precision,   # unit rows: dot = cosine
+                         "auto_min_cosine_vs_cpu": float((auto(batch)["emb"][:63] * cpu).sum(1)
+                                                         .min())}
 
     # 2. one bf16 DeepSpeed engine, 3 stage-2 steps (LoRA on the image tower, psi frozen)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29555", RANK="0", WORLD_SIZE="1",

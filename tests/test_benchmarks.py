@@ -27,7 +27,7 @@ def test_micro_benchmark_writes_the_schema(tmp_path):
         assert isinstance(res[key], float) and res[key] > 0, key
     # the Ray parts are reported as skipped, not guessed
     assert res["pipeline_efficiency"] is None and res["encoder_runs_per_sweep"] is None
-    assert set(res["skipped"]) == {"pipeline", "train.ray_train", "sweep"}
+    assert set(res["skipped"]) == {"pipeline", "train.ray_train", "sweep", "scaling"}
     assert res["pipeline"]["bare_images_per_s"] > 0
 
     # the raw measurements behind each ratio
@@ -50,6 +50,50 @@ def test_micro_benchmark_writes_the_schema(tmp_path):
     assert "| metric | value | goal | met |" in table
     for key in bench.HEADLINE:
         assert f"| {key} |" in table
+
+
+# ----------------------------------------------------------------------------- scaling (no Ray)
+
+from benchmarks import scaling  # noqa: E402
+
+
+def test_scaling_inputs_are_whole_shards_and_valid_caches(tmp_path):
+    """The synthetic inputs of the scaling part: caption shards in the img2dataset text layout
+    and bring-your-own caches that the cache reader accepts, one directory per size."""
+    import pyarrow.parquet as pq
+
+    from xbt_ray.data import cache
+
+    n = 200
+    assert scaling.sizes(n) == [200, 800, 3200] and scaling.shard_rows(n) == 100
+    assert scaling.shard_rows(100_000) == 50_000
+    files = scaling.caption_corpus(tmp_path, 100, 8)
+    assert len(files) == 8 and scaling.caption_corpus(tmp_path, 100, 8) == files  # built once
+    table = pq.read_table(files[0])
+    assert table.column_names == ["key", "txt"] and len(table) == 100
+    assert all(5 <= len(t.split()) <= 15 for t in table.column("txt").to_pylist())
+    keys = [k for f in files for k in pq.read_table(f).column("key").to_pylist()]
+    assert len(set(keys)) == 800
+
+    dirs = scaling.byo_caches(tmp_path, 100, 8, [200, 800])
+    new, old = (cache.read_embeddings(d) for d in dirs[800])
+    assert new.emb.shape == (800, scaling.NEW_DIM) and old.emb.shape == (800, scaling.OLD_DIM)
+    assert list(new.keys) == list(old.keys) == keys
+    assert len(cache.read_embeddings(dirs[200][0])) == 200
+
+
+def test_scaling_growth_by_hand():
+    def row(rows, rss, store, seconds):
+        return {"rows": rows, "driver_peak_rss_gib": rss, "object_store_peak_gib": store,
+                "seconds": seconds, "seconds_per_row": seconds / rows}
+
+    got = scaling.summarise([row(100, 1.0, 0.5, 20.0), row(400, 1.1, 0.5, 50.0),
+                             row(1600, 1.3, 0.6, 170.0)])
+    assert got["driver_rss_growth"] == 1.3 and got["object_store_growth"] == 0.6 / 0.5
+    assert got["seconds_per_row_growth"] == (170 / 1600) / (20 / 100)
+    assert got["marginal_seconds_per_row"] == [30 / 300, 120 / 1200]
+    assert got["goals"]["driver_rss_growth"] == {"value": 1.3, "goal": "<= 1.2", "met": False}
+    assert got["goals"]["seconds_per_row_growth"]["met"] is True
 
 
 # ----------------------------------------------------------------------------- cluster estimate
@@ -103,10 +147,21 @@ def test_gpu_projection_by_hand():
     measured = {"new_image": {"items_per_s": 1.0, "flops_per_item": 1e11, "utilisation": 0.5},
                 "stage2": {"items_per_s": 0.1, "flops_per_item": 3e11, "utilisation": 0.25}}
     gpu = {"name": "G", "fp32": 20.0, "bf16": 100.0}
-    rates = ce.gpu_rates(measured, gpu, on_gpu=False)
-    assert rates["new_image"] == 0.5 * 20e12 / 1e11       # encoders run in fp32
-    assert rates["stage2"] == 0.25 * 100e12 / 3e11       # training in bf16
-    assert ce.gpu_rates(measured, gpu, on_gpu=True)["stage2"] == 0.1  # measured on a GPU
+    precision = {"new_image": "bf16", "stage2": "fp32"}
+    rates = ce.gpu_rates(measured, gpu, False, precision)
+    assert rates["new_image"] == 0.5 * 100e12 / 1e11      # encoders at the cluster's precision
+    assert rates["stage2"] == 0.25 * 20e12 / 3e11        # training at trainer.precision
+    assert ce.gpu_rates(measured, gpu, True, precision)["stage2"] == 0.1  # measured on a GPU
+
+
+def test_every_encoder_pass_at_one_precision():
+    """XBT's encoder passes and the full backfill (priced at the new image tower's rate) share
+    the cluster precision; training follows trainer.precision."""
+    config = ce.load_config(ROOT / "configs" / "clip-b32-to-l14.yaml")
+    for encoders in ("bf16", "fp16", "fp32"):
+        got = ce.precisions(config, encoders)
+        assert {got[k] for k in ce.ENCODERS} == {encoders}
+        assert got["stage1"] == got["stage2"] == config.trainer.precision
 
 
 def test_cluster_estimate_runs_on_the_tiny_models(tmp_path):

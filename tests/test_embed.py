@@ -143,3 +143,69 @@ def test_encoder_threads_default_to_the_actors_cpus():
     assert encoder_threads(EmbedConfig(actor_num_cpus=0.5)) == 1
     assert encoder_threads(EmbedConfig(actor_num_cpus=1.5)) == 2
     assert encoder_threads(EmbedConfig(actor_num_cpus=1.0, encoder_threads=2)) == 2
+
+
+def _text_shard(path, start, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = [f"t{start + i:06d}" for i in range(rows)]
+    txt = [f"caption number {start + i} of a stopped job" if i % 50 else "" for i in range(rows)]
+    pq.write_table(pa.table({"key": keys, "txt": txt}), path)
+    return str(path)
+
+
+STOPPABLE_JOB = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+from xbt_ray.config import EmbedConfig, ModelConfig
+from xbt_ray.data.embed import embed_shards
+import ray
+ray.init(address="auto", logging_level="ERROR")
+files, root, pretrained = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+embed_shards(files, "text", ModelConfig(name="xbt-test-old", pretrained=pretrained), root,
+             EmbedConfig(batch_size=8, rows_per_part=100))
+"""
+
+
+def test_a_stopped_job_resumes_without_encoding_a_shard_twice(ray_session, model, tmp_path):
+    """The job is killed (SIGKILL, driver and all) once some shards are done; re-submitted, it
+    keeps their parts untouched, embeds only the rest, and the corpus adds up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    files = [_text_shard(tmp_path / f"shard-{i:02d}.parquet", i * 200, 200) for i in range(24)]
+    root = tmp_path / "cache"
+    job = subprocess.Popen([sys.executable, "-c", STOPPABLE_JOB, ",".join(files), str(root),
+                            model.pretrained], env=os.environ.copy(), start_new_session=True)
+    deadline = time.time() + 300
+    markers: list = []
+    while time.time() < deadline and job.poll() is None:
+        markers = list(root.rglob("_shards/*.json"))
+        if markers:
+            break
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert markers, "the job wrote no shard marker before it was stopped"
+    directory = markers[0].parent.parent
+    assert not (directory / cache.SUCCESS).exists(), \
+        "the job finished before it could be stopped: make the corpus larger"
+    time.sleep(1.0)   # parts a dying task may still be writing
+    done = {int(m.stem) for m in (directory / "_shards").glob("*.json")}
+    before = {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")
+              if int(p.name.split("-")[1]) in done}
+    assert 0 < len(done) < len(files)
+
+    result = embed_shards(files, "text", model, root, EmbedConfig(batch_size=8, rows_per_part=100))
+    after = {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")}
+    kept = {n: t for n, t in after.items() if int(n.split("-")[1]) in done}
+    assert kept == before                       # finished shards: not encoded again
+    redone = {int(n.split("-")[1]) for n in after} - done
+    assert redone == set(range(len(files))) - done   # every other shard: encoded once, now
+    assert result.counts == {"rows_in": 4800, "rows_embedded": 4704, "deduplicated": 0,
+                             "skipped": {"empty_caption": 96}}
+    assert len(cache.read_embeddings(result.directory)) == 4704

@@ -12,19 +12,25 @@ import torch
 from safetensors.torch import load_file
 
 from xbt_ray.config import ProjectorConfig, Stage1Config, TrainerConfig
-from xbt_ray.data.cache import Embeddings
+from xbt_ray.data import cache
 from xbt_ray.train.distributed import NonFiniteLoss, check_finite
 from xbt_ray.train.stage1 import PROJECTOR_WEIGHTS, train_stage1
 
 ROWS, BATCH, EPOCHS = 16384, 128, 6
 
 
-def _caches():
+def _caches(root):
+    """Bring-your-own caches of ROWS captions: new 24-d, old 16-d; returns their directories."""
     rng = np.random.default_rng(0)
     new = rng.normal(size=(ROWS, 24)).astype(np.float32)
     old = np.tanh(new @ rng.normal(size=(24, 16))).astype(np.float32)
     keys = np.array([f"k{i}" for i in range(ROWS)], dtype=object)
-    return Embeddings(keys, keys, new, {}), Embeddings(keys, keys, old, {})
+    dirs = []
+    for name, emb in (("new", new), ("old", old)):
+        dirs.append(root / name)
+        cache.write_embeddings(dirs[-1], keys, keys, emb,
+                               cache.make_meta(name, "x", emb.shape[1], "faults", "text"))
+    return dirs
 
 
 def _checkpoints(run_dir):
@@ -49,7 +55,7 @@ def _kill_a_worker_after_first_checkpoint(run_dir, address, killed: list, timeou
 
 
 def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, tmp_path):
-    new, old = _caches()
+    new, old = _caches(tmp_path)
     storage, run = tmp_path / "ray", "faulty-stage1"
     args = dict(projector=ProjectorConfig(depth=1, width=32, procrustes_init=True),
                 recipe=Stage1Config(epochs=EPOCHS, batch_size=BATCH, lr=1e-3),

@@ -4,7 +4,7 @@ import pytest
 
 from xbt_ray.config import ConfigError
 from xbt_ray.data.cache import Embeddings
-from xbt_ray.data.join import join, pairs, same_items
+from xbt_ray.data.join import join, same_items
 
 
 def table(keys, image_ids=None, values=None, source="cache"):
@@ -41,28 +41,6 @@ def test_int_image_keys_join_string_image_ids():
     images = Embeddings(np.array([42, 7]), np.array([42, 7]), np.eye(2, dtype=np.float32), {})
     captions = table(["a", "b"], ["7", "42"])
     assert join(captions, images, "pairs", on="image_id").right.tolist() == [1, 0]
-
-
-def test_pairs_groups_positives_by_image_and_aligns_every_cache():
-    new_texts = table(["c0", "c1", "c2", "c3"], ["i1", "i2", "i1", "i3"], [1, 2, 3, 4])
-    old_texts = table(["c3", "c2", "c1", "c0"], ["i3", "i1", "i2", "i1"], [40, 30, 20, 10])
-    new_images = table(["i1", "i2"], values=[100, 200])   # i3 was never embedded
-    old_images = table(["i2", "i1"], values=[2000, 1000])
-    p = pairs({"new": new_texts, "old": old_texts}, {"new_img": new_images, "old_img": old_images},
-              "stage 2")
-    assert list(p.keys) == ["c0", "c1", "c2"]
-    assert p.texts[0][:, 0].tolist() == [1, 2, 3] and p.texts[1][:, 0].tolist() == [10, 20, 30]
-    assert p.images[0][:, 0].tolist() == [100, 200, 100]
-    assert p.images[1][:, 0].tolist() == [1000, 2000, 1000]
-    assert p.image_codes[0] == p.image_codes[2] != p.image_codes[1]
-    assert p.counts["new->new_img"]["unmatched_left"] == 1
-
-
-def test_laion_layout_joins_image_by_its_own_key():
-    texts = table(["k1", "k2"])          # no image_id column: image_id = key
-    images = table(["k2", "k1"], values=[5, 6])
-    p = pairs({"t": texts}, {"i": images}, "laion")
-    assert p.images[0][:, 0].tolist() == [6, 5] and len(set(p.image_codes)) == 2
 
 
 def test_empty_join_names_both_caches_and_sample_keys():

@@ -26,17 +26,17 @@ def user_caches(tmp_path_factory):
         dirs[name] = root / name
         meta = cache.make_meta(f"{name}-model", "exported", emb.shape[1], "captions", "text")
         cache.write_embeddings(dirs[name], keys, keys, emb, meta, rows_per_file=300)
-    return {k: cache.read_embeddings(d) for k, d in dirs.items()}
+    return dirs
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_stage1_fits_projector_from_user_cache(ray_session, user_caches, tmp_path, zero_stage):
-    new, old = user_caches["new"], user_caches["old"]
-    out = train_stage1(new, old, ProjectorConfig(depth=1, width=32, procrustes_init=True),
+    out = train_stage1(user_caches["new"], user_caches["old"], ProjectorConfig(depth=1, width=32, procrustes_init=True),
                        Stage1Config(epochs=4, batch_size=128, lr=3e-3, noise_sigma=0.05),
                        TrainerConfig(num_workers=2, cpus_per_worker=0.5, zero_stage=zero_stage),
                        run_name=f"byo-z{zero_stage}", storage_path=tmp_path / "ray",
                        out_dir=tmp_path / "stage1", seed=0)
+    new, old = (cache.read_embeddings(user_caches[k]) for k in ("new", "old"))
     psi = load_projector(out)
     assert (psi.d_in, psi.d_out, psi.depth) == (24, 16, 1)
     mapped = project(psi, new.emb)

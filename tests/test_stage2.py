@@ -139,9 +139,11 @@ def test_anchored_stage2_in_the_chain_trained_lora_and_psi_on_cached_targets(tin
     assert summary["base_checksum_start"] == summary["base_checksum_end"]
     trained = summary["trained_tensors"]
     assert any("lora_" in n for n in trained) and any(n.startswith("psi.") for n in trained)
-    # the same pairs; every one whose image and caption were embedded had its old targets
-    assert {k: v for k, v in summary["data"].items() if k != "joins"} == {
-        k: v for k, v in faithful["data"].items() if k != "joins"}
+    # the same pairs: a row whose image or caption the embedding job skipped has no cached old
+    # target (counted `no_old_target`, joined away before decoding), every other row has one
+    data, plain = summary["data"], faithful["data"]
+    assert (data["rows_in"], data["rows_used"]) == (plain["rows_in"], plain["rows_used"])
+    assert data["skipped"] == {"no_old_target": sum(plain["skipped"].values())}
     targets = summary["data"]["joins"]["old_pair_texts->old_pair_images"]
     assert targets["joined"] == targets["left_rows"] - targets["unmatched_left"] > 0
     assert (config.run_dir / "stage2_anchored" / QUERY_ENCODER).is_file()
@@ -161,12 +163,12 @@ def test_anchored_psi_only_on_cached_embeddings(ray_session, tiny_run):
     new_images = read(inputs["new_images"])
     # captions whose image was embedded (a broken image is skipped once, for all its captions)
     pairs = int(np.isin(new_texts.image_ids, new_images.keys).sum())
-    summary = train_stage2(
+    summary = train_stage2(   # cache directories in: the joins run on the Ray Data workers
         config.new, config.run_dir / "stage1", recipe, config.lora, config.stage1,
         config.trainer, run_name="psi-only-anchored", storage_path=config.run_dir / "ray-train",
         out_dir=out, seed=0,
-        pair_embeddings=(new_images, new_texts),
-        anchor_embeddings=(read(inputs["old_images"]), read(inputs["old_captions"][1])))
+        pair_embeddings=(inputs["new_images"], inputs["new_captions"][1]),
+        anchor_embeddings=(inputs["old_images"], inputs["old_captions"][1]))
     unjoined = len(new_texts) - pairs
     assert {k: v for k, v in summary["data"].items() if k != "joins"} == {
         "rows_in": len(new_texts), "rows_used": pairs,
@@ -181,23 +183,27 @@ def test_anchored_psi_only_on_cached_embeddings(ray_session, tiny_run):
         clip.embed_dim(config.old.name)
 
 
-def test_training_pairs_get_image_codes_and_old_target_rows():
+def test_training_pairs_get_image_codes_and_carry_their_old_targets():
     import io
 
     from PIL import Image
 
-    from xbt_ray.train.stage2 import decode_training_pairs, image_codes
+    from xbt_ray.data.paired import image_codes
+    from xbt_ray.train.stage2 import OLD_IMAGES, OLD_TEXTS, decode_training_pairs
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    targets = np.arange(6, dtype=np.float32).reshape(3, 2)
     batch = {"key": np.array(["k2", "k9", "k1"], dtype=object),
              "image_id": np.array(["a", "b", "a"], dtype=object),
              "jpg": np.array([buf.getvalue()] * 3, dtype=object),
-             "txt": np.array([b"a red box", b"a blue ring", b""], dtype=object)}
-    out = decode_training_pairs(batch, 16, "xbt-test-new", np.array(["k1", "k2", "k3"]))
-    assert out["target"].tolist() == [1, -1, 0]
-    # k9 has no cached old target; k1's caption is empty (that reason wins)
-    assert out["skip_reason"].tolist() == ["", "no_old_target", "empty_caption"]
+             "txt": np.array([b"a red box", b"a blue ring", b""], dtype=object),
+             OLD_IMAGES: targets, OLD_TEXTS: targets + 10}
+    out = decode_training_pairs(batch, 16, "xbt-test-new")
+    assert out["skip_reason"].tolist() == ["", "", "empty_caption"]
+    np.testing.assert_array_equal(out[OLD_IMAGES], targets)        # row for row
+    np.testing.assert_array_equal(out[OLD_TEXTS], targets + 10)
     codes = out["image_code"]
     assert codes[0] == codes[2] != codes[1]
     assert image_codes(["a"])[0] == codes[0]  # stable across calls and processes
+    assert image_codes(np.array([7]))[0] == image_codes(["7"])[0]  # int ids hash as their str

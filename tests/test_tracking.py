@@ -47,6 +47,7 @@ def test_a_very_long_method_name_does_not_fail_logging(tmp_path):
     report = build_report("demo", "custom", 6, 30, rows)
     report["data"] = {"joins": {"a->b": {"joined": 5}}, "dropped": {"images_without_caption": 1},
                       "read": {"old_images": {"rows_in": 6, "skipped": {"zero_vector": 1}}}}
+    report["precision"] = {"max_abs_difference": {"R1": 0.4}}   # eval.precision_check
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("names")
     with mlflow.start_run() as run:
@@ -58,3 +59,4 @@ def test_a_very_long_method_name_does_not_fail_logging(tmp_path):
     assert metrics["data.eval.dropped.images_without_caption"] == 1
     assert metrics["data.eval.read.old_images.skipped.zero_vector"] == 1
     assert metrics["data.nested.x.y.z"] == 3
+    assert metrics["precision.max_abs_difference.R1"] == 0.4

@@ -77,7 +77,14 @@ class EmbedConfig:
     # with one actor using every core: the decode / tokenise stage beside it is light
     encoder_threads: int = 0
     num_gpus: float = -1.0      # per encoder actor; -1: one if the cluster has GPUs, else none
-    dtype: str = "float16"
+    # what the towers compute in: auto | fp32 | bf16 | fp16. auto: fp32 on CPU actors, bf16 on
+    # GPU actors (fp16 where the GPU has no native bf16). Part of the cache directory's identity
+    precision: str = "auto"
+    dtype: str = "float16"      # what the cache stores (float16 | float32)
+    # rows per cache part the write stage writes; also how often a running job's progress is
+    # saved (a shard is done once its last part is written; a restart re-embeds unfinished
+    # shards only)
+    rows_per_part: int = 16_384
 
 
 @dataclass
@@ -97,6 +104,11 @@ class TrainerConfig:
     zero_stage: int = 1
     precision: str = "fp32"   # fp32 | bf16
     grad_clip: float = 0.0    # max gradient norm; 0 = off (DeepSpeed would default to 1.0)
+    # Rows each worker shuffles locally as batches stream in (Ray Data's local shuffle buffer);
+    # file and block order are also randomised every epoch. Larger mixes rows from more files
+    # per batch (fresher negatives) at the cost of worker memory (rows x row bytes) and a slower
+    # first batch; there is no global all-to-all shuffle (see xbt_ray/data/paired.py)
+    shuffle_buffer_rows: int = 8192
 
 
 @dataclass
@@ -168,6 +180,9 @@ class EvalConfig:
     baselines: bool = True           # closed-form baselines (need support embeddings)
     support_holdout: float = 0.1     # share of support images held out to pick SLERP alpha/ridge
     backfill_points: int = 11        # gallery fractions 0..1 of the partial-backfill curve (0: off)
+    # the report's `precision` section: every cell again with the split (and the query
+    # encoders) embedded at the other precision (bf16 if the run's encoders ran fp32, else fp32)
+    precision_check: bool = False
 
 
 @dataclass
@@ -226,11 +241,15 @@ class Config:
     def validate(self) -> None:
         checks = [
             (self.embed.dtype in ("float16", "float32"), "embed.dtype must be float16 or float32"),
+            (self.embed.rows_per_part >= 1, "embed.rows_per_part must be >= 1"),
             (self.embed.encoder_threads >= 0, "embed.encoder_threads must be >= 0 (0 = its CPUs)"),
+            (self.embed.precision in ("auto", "fp32", "bf16", "fp16"),
+             "embed.precision must be auto, fp32, bf16 or fp16"),
             (self.trainer.precision in ("fp32", "bf16"), "trainer.precision must be fp32 or bf16"),
             (self.trainer.zero_stage in (0, 1, 2, 3), "trainer.zero_stage must be 0, 1, 2 or 3"),
             (self.trainer.num_workers >= 1, "trainer.num_workers must be >= 1"),
             (self.trainer.grad_clip >= 0, "trainer.grad_clip must be >= 0 (0 = off)"),
+            (self.trainer.shuffle_buffer_rows >= 0, "trainer.shuffle_buffer_rows must be >= 0"),
             (self.projector.depth >= 0, "projector.depth must be >= 0"),
             (self.stage1.noise_sigma >= 0, "stage1.noise_sigma must be >= 0"),
             (self.stage1.temperature > 0, "stage1.temperature must be > 0"),

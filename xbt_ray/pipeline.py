@@ -1,8 +1,8 @@
 """The whole chain: (demo world) -> embed -> stage 1 -> stage 2 -> evaluate -> report + MLflow.
 
 Every step reuses finished work: the demo world and demo models are cached by recipe, the
-embedding cache by (model, data), stage 1 by run directory. Each step is also callable on its own
-(the `xbt` subcommands and `jobs/` entrypoints call these functions).
+embedding cache by (model, precision, data), stage 1 by run directory. Each step is also callable
+on its own (the `xbt` subcommands and `jobs/` entrypoints call these functions).
 """
 from __future__ import annotations
 
@@ -214,8 +214,7 @@ def stage1_step(config: Config, embedded: dict, timings: dict) -> Path:
         return out_dir
     need(embedded, ("new_text", "old_text"), "stage 1")
     with timed(timings, "stage1"):
-        train_stage1(cache.read_embeddings(embedded["new_text"].directory),
-                     cache.read_embeddings(embedded["old_text"].directory),
+        train_stage1(embedded["new_text"].directory, embedded["old_text"].directory,
                      config.projector, config.stage1, config.trainer, run_name="stage1",
                      storage_path=config.run_dir / "ray-train", out_dir=out_dir,
                      seed=config.seed)
@@ -254,7 +253,7 @@ def stage2_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Pa
         raise ConfigError("stage 2 needs image-text pairs: set data.image_text")
     if recipe.objective == "anchored":
         need(embedded, ("old_pair_images", "old_pair_texts"), f"{section} (anchored)")
-    read = lambda name: cache.read_embeddings(embedded[name].directory)  # noqa: E731
+    read = lambda name: embedded[name].directory  # noqa: E731
     with timed(timings, section):
         summary = train_stage2(
             sources.new, stage1_dir, recipe, config.lora, config.stage1, config.trainer,
@@ -324,6 +323,31 @@ def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: 
         manifest = write_manifest(config.run_dir / "eval_inputs.json", split, queries, support,
                                   sources.dataset, sources.protocol, costs)
         return evaluate(load_inputs(manifest), config.eval, config.seed)
+
+
+def precision_step(config: Config, sources: Sources, embedded: dict, stage1_dir: Path,
+                   stage2_dirs: dict[str, Path], report: dict, timings: dict) -> dict:
+    """The report's `precision` section (`eval.precision_check`): the evaluation again with
+    the held-out split's four sets and each stage 2's exported query encoder embedded at the
+    other precision (bf16 when the run's encoders ran fp32, else fp32), cell by cell beside
+    `report` (eval.report.precision_section). The support set (caption corpus, training pairs)
+    is not re-embedded: the baselines apply the maps they fitted on it. Its inputs are recorded
+    in run_dir/precision/<precision>/eval_inputs.json; no backfill curves."""
+    from xbt_ray.eval.report import precision_section
+
+    ran = embed.encoder_precision(config.embed)
+    other = "bf16" if ran == "fp32" else "fp32"
+    check = dataclasses.replace(
+        config, output_dir=str(config.run_dir / "precision"), run_name=other,
+        embed=dataclasses.replace(config.embed, precision=other),
+        eval=dataclasses.replace(config.eval, backfill_points=0, precision_check=False))
+    check.run_dir.mkdir(parents=True, exist_ok=True)
+    split_roles = ("old_eval_images", "new_eval_images", "old_eval_captions", "new_eval_captions")
+    with timed(timings, f"precision_check_{other}"):
+        scratch: dict = {}
+        embedded = embedded | embed_step(check, sources, scratch, split_roles)
+        checked = evaluate_step(check, sources, embedded, stage1_dir, stage2_dirs, scratch)
+    return precision_section(report, checked, ran, other)
 
 
 def _projected_queries(config: Config, embedded: dict, projector_dir: Path,
@@ -427,6 +451,9 @@ def run_pipeline(config: Config, until: str = "evaluate", train: bool = True) ->
         if until == "stage2":
             return None
         report = evaluate_step(config, sources, embedded, stage1_dir, stage2_dirs, timings)
+        if config.eval.precision_check and not config.data.embeddings:  # BYO: no encoders
+            report["precision"] = precision_step(config, sources, embedded, stage1_dir,
+                                                 stage2_dirs, report, timings)
         report["models"] = {"old": dataclasses.asdict(sources.old),
                             "new": dataclasses.asdict(sources.new)}
         report["data"] = report.get("data", {}) | {

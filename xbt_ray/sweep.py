@@ -40,6 +40,7 @@ from xbt_ray.config import (Config, ConfigError, EvalConfig, _merge, nest, read_
                             save_config)
 from xbt_ray.data import cache
 from xbt_ray.data.cache import Embeddings, as_ids
+from xbt_ray.data.paired import cache_files
 from xbt_ray.data.join import join, same_items
 from xbt_ray.eval.report import markdown_table
 
@@ -332,11 +333,12 @@ class Divergence:
 
 # --- one trial -----------------------------------------------------------------------------
 
-def run_trial(params: dict, base: Config, caches: dict[str, str], val_keys: np.ndarray,
-              sweep_dir: str) -> None:
+def run_trial(params: dict, base: Config, caches: dict[str, str], train_caches: dict[str, str],
+              val_keys: np.ndarray, sweep_dir: str) -> None:
     """Tune function trainable: stage 1 (and a psi-only stage 2) of one sampled config, on the
-    sweep's embedding caches only. Results reach Tune once per stage-1 epoch (ValidationReport)
-    and once after stage 2."""
+    sweep's embedding caches only (`caches`: every role; `train_caches`: the pair roles less the
+    validation pairs, written once by the sweep driver). Results reach Tune once per stage-1
+    epoch (ValidationReport) and once after stage 2."""
     from xbt_ray.train.stage1 import load_projector, train_stage1
     from xbt_ray.train.stage2 import train_stage2
 
@@ -344,21 +346,22 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], val_keys: np.n
     trial_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, trial_dir / "config.yaml")
-    tables = {name: cache.read_embeddings(path) for name, path in caches.items()}
-    split = split_pairs({r: tables[r] for r in PAIR_ROLES}, val_keys)
+    split = split_pairs({r: cache.read_embeddings(caches[r]) for r in PAIR_ROLES}, val_keys)
     validator = Validator(split.validation, config.eval)
-    shape = {"d_in": tables["new_text"].emb.shape[1], "d_out": tables["old_text"].emb.shape[1],
+    dims = {r: cache.read_meta(Path(cache_files(caches[r])[0]))["dim"]
+            for r in ("new_text", "old_text")}
+    shape = {"d_in": dims["new_text"], "d_out": dims["old_text"],
              "depth": config.projector.depth, "width": config.projector.width}
     stage1_dir = trial_dir / "stage1"
     with Divergence(1, STAGE1_METHOD) as diverged:
-        train_stage1(tables["new_text"], tables["old_text"], config.projector, config.stage1,
+        train_stage1(caches["new_text"], caches["old_text"], config.projector, config.stage1,
                      config.trainer, run_name="stage1", storage_path=trial_dir / "ray-train",
                      out_dir=stage1_dir, seed=config.seed,
                      callbacks=[ValidationReport(validator, STAGE1_METHOD, shape, {"stage": 1})])
     if diverged or not config.sweep.stage2:
         return
     recipe = stage2_recipe(config)
-    train = split.train
+    train = train_caches
     stage2_dir = trial_dir / "stage2"
     method = stage2_method(config)
     with Divergence(2, method) as diverged:
@@ -366,7 +369,7 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], val_keys: np.n
                      run_name="stage2", storage_path=trial_dir / "ray-train", out_dir=stage2_dir,
                      seed=config.seed,
                      pair_embeddings=(train["new_pair_images"], train["new_pair_texts"]),
-                     text_pairs=((tables["new_text"], tables["old_text"])
+                     text_pairs=((caches["new_text"], caches["old_text"])
                                  if recipe.text_weight > 0 else None),
                      anchor_embeddings=((train["old_pair_images"], train["old_pair_texts"])
                                         if recipe.objective == "anchored" else None),
@@ -624,6 +627,11 @@ def run_sweep(config: Config, space_path: str | Path, num_samples: int | None = 
         pairs = {role: cache.read_embeddings(caches[role]) for role in PAIR_ROLES}
         val_keys = choose_validation(pairs, config.sweep.val_fraction, config.seed)
         split = split_pairs(pairs, val_keys)
+        train_caches = {}   # what a trial's stage 2 trains on, written once for every trial
+        for role, table in split.train.items():
+            train_caches[role] = str(sweep_dir / "train-split" / role)
+            cache.write_embeddings(Path(train_caches[role]), table.keys, table.image_ids,
+                                   table.emb, table.meta)
         tracking.log_counts("data.validation", split.validation.data())
         gap = Validator(split.validation, config.eval).reference_gap()
         floored = sorted(d for d, g in gap.items() if g < GAIN_FLOOR)
@@ -641,8 +649,8 @@ def run_sweep(config: Config, space_path: str | Path, num_samples: int | None = 
                            "sweep.max_concurrent_trials": concurrent,
                            "sweep.space": json.dumps(space)[:500]})
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=config, caches=caches, val_keys=val_keys,
-                                 sweep_dir=str(sweep_dir)),
+            tune.with_parameters(run_trial, base=config, caches=caches, train_caches=train_caches,
+                                 val_keys=val_keys, sweep_dir=str(sweep_dir)),
             trial_resources(config))
         scheduler = RecordingASHA(time_attr="training_iteration", max_t=full,
                                   grace_period=config.sweep.grace_period,

@@ -59,7 +59,8 @@ def start_run(config: Config):
 
 
 def log_report(report: dict) -> None:
-    """Every recall, gain, RSUM, flip rate, cost and backfill AUC of a report as metrics."""
+    """Every recall, gain, RSUM, flip rate, cost, backfill AUC and precision difference of a report
+    as metrics."""
     import mlflow
 
     from xbt_ray.eval.report import cells_passed
@@ -86,6 +87,9 @@ def log_report(report: dict) -> None:
         for direction, by_order in curves["auc"].items():
             for order, value in by_order.items():
                 metrics[metric_name(method, "backfill_auc", direction, order)] = value
+    precision = report.get("precision") or {}    # eval.precision_check: largest |bf16 - fp32|
+    for name, value in (precision.get("max_abs_difference") or {}).items():
+        metrics[metric_name("precision", "max_abs_difference", name)] = value
     data = report.get("data") or {}
     for section in ("joins", "dropped", "read"):   # the evaluation's data accounting
         metrics |= count_metrics(f"data.eval.{section}", data.get(section) or {})

@@ -64,9 +64,10 @@ def make_meta(model: str, pretrained: str, dim: int, dataset: str, modality: str
             "normalized": bool(normalized), "dataset": dataset, "modality": modality}
 
 
-def write_part(directory: Path, index: int, keys, image_ids, emb: np.ndarray, meta: dict,
+def write_part(directory: Path, index: int | str, keys, image_ids, emb: np.ndarray, meta: dict,
                dtype: str = "float16") -> Path:
-    """Write one parquet part of the cache with the contract's schema and metadata."""
+    """Write one parquet part of the cache with the contract's schema and metadata, named
+    `part-<index:05d>.parquet` (or `part-<index>.parquet` for a str index)."""
     directory.mkdir(parents=True, exist_ok=True)
     emb = np.ascontiguousarray(emb, dtype=np.dtype(dtype))
     if not np.isfinite(emb).all():
@@ -79,9 +80,19 @@ def write_part(directory: Path, index: int, keys, image_ids, emb: np.ndarray, me
                       "image_id": pa.array(list(image_ids), pa.string()),
                       "emb": emb_col})
     table = table.replace_schema_metadata({f"xbt.{k}": json.dumps(v) for k, v in meta.items()})
-    path = directory / f"part-{index:05d}.parquet"
+    path = directory / (f"part-{index:05d}.parquet" if isinstance(index, int)
+                        else f"part-{index}.parquet")
     pq.write_table(table, path)
     return path
+
+
+def parquet_rows(files: list[str]) -> list[int]:
+    """Rows of each parquet file, from its footer (no data read; threads, for many files on
+    shared storage)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda f: pq.read_metadata(f).num_rows, files))
 
 
 def write_embeddings(directory: Path, keys, image_ids, emb: np.ndarray, meta: dict,

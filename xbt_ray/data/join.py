@@ -1,4 +1,9 @@
-"""The one join: rows of embedding caches linked by `key`, positives grouped by `image_id`.
+"""The in-memory join: rows of embedding sets linked by `key` or `image_id`, in the driver.
+
+For what the evaluation holds in the driver: the held-out evaluation split and a sweep's
+validation split (thousands of items), and the closed-form baselines' support embeddings (read
+whole: a known limit, see the README's "Scale" section). Training joins, which grow with the
+corpus, run on the Ray Data workers with the same rules and counts (xbt_ray.data.paired).
 
 Two kinds of link occur, and both go through `join`:
 - the same items under two models (old vs new captions, old vs new images): `on="key"`;
@@ -94,45 +99,3 @@ def same_items(old: Embeddings, new: Embeddings, role: str) -> tuple[Embeddings,
     """The rows both models embedded, row-aligned in `old`'s order: (old, new, counts)."""
     joined = join(old, new, role, on="key")
     return old.take(joined.left), new.take(joined.right), joined.counts
-
-
-@dataclass
-class Pairs:
-    """Image-text pairs: one row per caption that every text cache and (through its image_id)
-    every image cache cover. Captions of one image share an `image_code` (multi-positive)."""
-
-    keys: np.ndarray          # (M,) caption keys
-    image_ids: np.ndarray     # (M,) the image each caption describes
-    image_codes: np.ndarray   # (M,) int64, equal for equal image ids
-    texts: list[np.ndarray]   # per text cache, (M, dim) float32
-    images: list[np.ndarray]  # per image cache, (M, dim) float32 (repeated per caption)
-    counts: dict              # per join step, its counts
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def pairs(texts: dict[str, Embeddings], images: dict[str, Embeddings], role: str) -> Pairs:
-    """Join caption caches by key (the first one's rows, in its order) and image caches by the
-    captions' image_id. `texts` / `images` map a name (e.g. "new_pair_texts") to a cache;
-    the result's `texts` and `images` follow the dicts' order."""
-    text_names = list(texts)
-    base = texts[text_names[0]]
-    rows = np.arange(len(base))          # rows of `base` still in the join
-    index: dict[str, np.ndarray] = {}    # per other cache, its row of each kept base row
-    counts = {}
-    links = [(name, table, "key") for name, table in list(texts.items())[1:]]
-    links += [(name, table, "image_id") for name, table in images.items()]
-    for name, table, on in links:
-        arrow = "~" if on == "key" else "->"
-        joined = join(base.take(rows), table, f"{role}: {text_names[0]} {arrow} {name}", on=on)
-        counts[f"{text_names[0]}{arrow}{name}"] = joined.counts
-        rows = rows[joined.left]
-        index = {other: idx[joined.left] for other, idx in index.items()}
-        index[name] = joined.right
-    kept = base.take(rows)
-    ids = as_ids(kept.image_ids)
-    _, codes = np.unique(ids.astype(str), return_inverse=True)
-    return Pairs(kept.keys, ids, codes.reshape(-1).astype(np.int64),
-                 [kept.emb] + [texts[n].emb[index[n]] for n in text_names[1:]],
-                 [images[n].emb[index[n]] for n in images], counts)

@@ -31,8 +31,10 @@ MAX_RESIZE_ASPECT_RATIO = 16
 # (json, cls, ...) are ignored
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 TEXT_EXTENSIONS = frozenset({"txt"})
-# Rows / bytes of one block yielded while reading a tar
-TAR_BLOCK_ROWS = 256
+# Ray CPUs of a read task (I/O bound: reading one shard's bytes)
+READ_NUM_CPUS = 0.25
+# Rows (and, for tars, bytes) of one block yielded while reading a shard
+READ_BLOCK_ROWS = 256
 TAR_BLOCK_BYTES = 64 << 20
 # Ray CPUs per task of the CPU stages (decode / tokenise): light next to the encoder, so that on
 # a small machine they fit beside encoder actors that take the rest
@@ -64,7 +66,8 @@ def dataset_fingerprint(files: list[str]) -> str:
     return digest.hexdigest()[:12]
 
 
-def read_rows(files: list[str], columns: list[str]):
+def read_rows(files: list[str], columns: list[str], shuffle_seed: int | None = None,
+              shard_of: list[str] | None = None):
     """A Ray Dataset with the requested columns of `key, image_id, jpg, txt` (raw values).
 
     `files`: parquet shards or webdataset tars (not mixed; as `list_shards` returns them).
@@ -72,19 +75,58 @@ def read_rows(files: list[str], columns: list[str]):
     as bytes, so that a caption that is not valid UTF-8 is a skipped row, not a failed job.
     Parquet shards must agree on the requested columns and their types (one-line ConfigError).
     Tars are read with `tar_samples` (all columns, whatever `columns` asks).
+
+    One read task per file, rows yielded in blocks as they are read (`parquet_samples`,
+    `tar_samples`): a shard is the unit of work, so its rows stream out together and a job's
+    progress can be kept per shard (Ray's own parquet reader packs small files into one task).
+    With `shuffle_seed`, the order in which files are read is re-randomised at every execution of
+    the dataset (every training epoch), seeded: only the list of files is shuffled, rows stream.
+    With `shard_of` (a list holding every file of `files`), each row gets `shard` (int64), the
+    index of its file in that list.
     """
     import ray.data
 
-    if files[0].endswith(".tar"):
-        # Our own tar reader, not read_webdataset: that one keys a sample by everything before the
-        # first dot of the name, knows `jpg` only (case-sensitive), and fails on a tar whose
-        # members are not grouped by sample. One task per tar, rows yielded in blocks as read.
-        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-        ds = ds.map_batches(_read_tars, batch_size=1, batch_format="numpy")
-    else:
-        ds = ray.data.read_parquet(files, columns=_parquet_columns(files, columns))
-    # batch_size=None: one block per call, so blocks are never concatenated before this
-    return ds.map_batches(_raw_columns, batch_format="pyarrow", batch_size=None)
+    tars = files[0].endswith(".tar")
+    # Tars: our own reader, not read_webdataset: that one keys a sample by everything before the
+    # first dot of the name, knows `jpg` only (case-sensitive), and fails on a tar whose members
+    # are not grouped by sample.
+    wanted = None if tars else _parquet_columns(files, columns)
+    index = {f: i for i, f in enumerate(shard_of or [])}
+    ds = ray.data.from_items([{"path": f, "shard": index.get(f, -1)} for f in files],
+                             override_num_blocks=len(files))
+    if shuffle_seed is not None:   # one block per path: block order = file order
+        ds = ds.randomize_block_order(seed=shuffle_seed)
+    # one path per task, and READ_NUM_CPUS: a different resource shape keeps Ray Data from fusing
+    # the read into the next stage, whose batch size would otherwise bundle many paths per task
+    return ds.map_batches(_read_files, fn_kwargs={"columns": wanted,
+                                                 "with_shard": shard_of is not None},
+                          batch_size=1, batch_format="numpy", num_cpus=READ_NUM_CPUS)
+
+
+def _read_files(batch: dict, columns: list[str] | None, with_shard: bool):
+    """Ray Data batch UDF: file paths in -> their rows out, block by block (a tar when
+    `columns` is None, else these columns of a parquet file), with `shard` if asked."""
+    import pyarrow as pa
+
+    for path, shard in zip(batch["path"], batch["shard"]):
+        blocks = tar_samples(str(path)) if columns is None else parquet_samples(str(path),
+                                                                                columns)
+        for table in blocks:
+            if with_shard:
+                table = table.append_column("shard", pa.array([int(shard)] * len(table),
+                                                              pa.int64()))
+            yield _raw_columns(table)
+
+
+def parquet_samples(path: str, columns: list[str], block_rows: int = READ_BLOCK_ROWS):
+    """The rows of one parquet shard, `columns` only, as pyarrow tables of at most `block_rows`
+    rows, read record batch by record batch (one block held at a time)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        for batch in f.iter_batches(batch_size=block_rows, columns=columns):
+            yield pa.Table.from_batches([batch])
 
 
 def _parquet_columns(files: list[str], columns: list[str]) -> list[str]:
@@ -141,7 +183,7 @@ def _tar_member_kind(name: str) -> tuple[str, str] | None:
     return None
 
 
-def tar_samples(path: str, block_rows: int = TAR_BLOCK_ROWS, block_bytes: int = TAR_BLOCK_BYTES):
+def tar_samples(path: str, block_rows: int = READ_BLOCK_ROWS, block_bytes: int = TAR_BLOCK_BYTES):
     """The samples of a webdataset tar, as pyarrow tables `key` (string), `jpg`, `txt` (bytes).
 
     Accepts a local tar (plain, or compressed as tarfile reads it) whose members are
@@ -167,13 +209,7 @@ def tar_samples(path: str, block_rows: int = TAR_BLOCK_ROWS, block_bytes: int = 
                          "txt": pa.array([r[2] for r in rows], pa.large_binary())})
 
     with tarfile.open(path, "r:*") as tar:
-        # pass 1: headers only (tarfile seeks past member data) -> members of each key, in order
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for member in tar:
-            kind = _tar_member_kind(member.name) if member.isfile() else None
-            if kind is not None:
-                samples.setdefault(kind[0], {}).setdefault(kind[1], member)
-        tar.members = []          # the index lives in `samples`; tarfile need not keep its own
+        samples = _tar_index(tar)
         # pass 2: read each sample's members; sequential reads for a tar grouped by sample
         rows, size = [], 0
         for key, members in samples.items():
@@ -188,10 +224,16 @@ def tar_samples(path: str, block_rows: int = TAR_BLOCK_ROWS, block_bytes: int = 
             yield table(rows)
 
 
-def _read_tars(batch: dict):
-    """Ray Data batch UDF: tar paths in (`path`) -> their samples out, block by block."""
-    for path in batch["path"]:
-        yield from tar_samples(str(path))
+def _tar_index(tar) -> dict:
+    """Pass 1 over an open tar, headers only (tarfile seeks past member data): {key: {"jpg" |
+    "txt": TarInfo}}, keys in order of their first member."""
+    samples: dict = {}
+    for member in tar:
+        kind = _tar_member_kind(member.name) if member.isfile() else None
+        if kind is not None:
+            samples.setdefault(kind[0], {}).setdefault(kind[1], member)
+    tar.members = []          # the index lives in `samples`; tarfile need not keep its own
+    return samples
 
 
 def _raw_columns(table):
@@ -364,18 +406,43 @@ def skip_counts(log_dir: str | Path) -> dict[str, int]:
     return dict(Counter(seen.values()))
 
 
-def training_stream(files: list[str], udf, fn_kwargs: dict, columns: list[str], log_dir: Path):
-    """Image-text training rows: read -> CPU stage (udf) -> drop + log skipped -> shuffled.
+def training_stream(files: list[str], udf, fn_kwargs: dict, columns: list[str], log_dir: Path,
+                    seed: int, carry: list[str] = ()):
+    """Image-text training rows: read (file order re-randomised every epoch, seeded) -> CPU
+    stage (udf) -> drop + log skipped -> `columns`. `carry`: further parquet columns read with
+    the rows (the udf passes them on). No global shuffle: rows are mixed in each worker's local
+    buffer (xbt_ray.train.distributed.epoch_batches). Re-executed every epoch by Ray Train; the
+    row count comes from `shard_rows`, not from a pass over the data."""
+    return (read_rows(files, ["key", "image_id", "jpg", "txt", *carry], shuffle_seed=seed)
+            .map_batches(udf, fn_kwargs=fn_kwargs, batch_size=256, num_cpus=CPU_STAGE_NUM_CPUS)
+            .map_batches(drop_skipped, fn_kwargs={"log_dir": str(log_dir)}, batch_size=None)
+            .select_columns(columns))
 
-    Returns (dataset, rows_in). Re-executed (and re-shuffled) every epoch by Ray Train.
-    """
-    raw = read_rows(files, ["key", "image_id", "jpg", "txt"])
-    rows_in = raw.count()
-    ds = (raw.map_batches(udf, fn_kwargs=fn_kwargs, batch_size=256, num_cpus=CPU_STAGE_NUM_CPUS)
-          .map_batches(drop_skipped, fn_kwargs={"log_dir": str(log_dir)}, batch_size=None)
-          .select_columns(columns)
-          .random_shuffle())
-    return ds, rows_in
+
+def shard_rows(files: list[str]) -> int:
+    """Rows of a set of shards without reading their data (see `rows_per_shard`)."""
+    return sum(rows_per_shard(files))
+
+
+def rows_per_shard(files: list[str]) -> list[int]:
+    """Rows of each shard without reading its data: parquet footers (threads, on the driver: a
+    few KB per file), tar member headers (one Ray task per tar, on the workers)."""
+    if not files[0].endswith(".tar"):
+        from xbt_ray.data.cache import parquet_rows
+
+        return parquet_rows(files)
+    import ray.data
+
+    counted = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    rows = {r["path"]: r["rows"] for r in counted.map(_count_tar_samples).take_all()}
+    return [int(rows[f]) for f in files]
+
+
+def _count_tar_samples(row: dict) -> dict:
+    import tarfile
+
+    with tarfile.open(row["path"], "r:*") as tar:
+        return {"path": row["path"], "rows": len(_tar_index(tar))}
 
 
 def _as_str(values) -> np.ndarray:

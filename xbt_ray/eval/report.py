@@ -120,6 +120,8 @@ def format_table(report) -> str:
             out += ["", f"A full backfill of this evaluation gallery instead re-embeds "
                         f"{fb['items']:,} items with the new model ({fb['images']:,} images + "
                         f"{fb['captions']:,} captions)."]
+    if report.get("precision"):
+        out += precision_lines(report["precision"])
     published = published_rows(report["dataset"], report["protocol"])
     if published:
         out += ["", f"Published R@1 on {report['dataset']} ({report['protocol']}, "
@@ -128,6 +130,52 @@ def format_table(report) -> str:
                          [[p["method"], p["new_model"] or "-", p["i2t_R1"], p["t2i_R1"],
                            p["needs_old_encoder"], p["source"]] for p in published])
     return "\n".join(out)
+
+
+def precision_section(run: dict, check: dict, run_precision: str, check_precision: str) -> dict:
+    """The report's `precision` section: each cell of the report `run` (encoders at
+    `run_precision`) beside the same cell of `check`, the same evaluation with the split and the
+    query encoders embedded at `check_precision`. Per cell (method -> direction -> metric) the
+    two recalls, keyed by precision, and `difference` = lower precision minus fp32, in recall
+    points; `max_abs_difference` per metric over every method and direction. Methods missing
+    from either report are left out."""
+    low = check_precision if run_precision == "fp32" else run_precision
+    check_rows = {row["method"]: row for row in check["rows"]}
+    cells, worst = {}, {}
+    for row in run["rows"]:
+        other = check_rows.get(row["method"])
+        if other is None:
+            continue
+        cells[row["method"]] = {}
+        for d in DIRECTIONS:
+            cells[row["method"]][d] = {}
+            for m, value in row[d].items():
+                values = {run_precision: float(value), check_precision: float(other[d][m])}
+                difference = values[low] - values["fp32"]
+                cells[row["method"]][d][m] = values | {"difference": difference}
+                worst[m] = max(worst.get(m, 0.0), abs(difference))
+    return {"run": run_precision, "check": check_precision, "cells": cells,
+            "max_abs_difference": worst}
+
+
+def precision_lines(section: dict) -> list[str]:
+    """Markdown for the `precision` section: a line with the largest change at the first K and
+    at any K, then each cell's difference (lower precision minus fp32, recall points)."""
+    low = section["check"] if section["run"] == "fp32" else section["run"]
+    cells, worst = section["cells"], section["max_abs_difference"]
+    if not cells:
+        return []
+    metrics = list(next(iter(cells.values()))["i2t"])
+    lines = ["", f"Precision: every cell again with the evaluation split (and each exported query "
+             f"encoder) embedded at {section['check']} instead of {section['run']}; the "
+             f"baselines keep the maps they fitted on the {section['run']} support set. Largest "
+             f"|{low} - fp32|: {worst[metrics[0]]:.2f} {metrics[0]} points "
+             f"({max(worst.values()):.2f} at any K). Differences, {low} - fp32, in recall "
+             "points:", ""]
+    return lines + markdown_table(
+        ["method"] + [f"{d.upper()} {m}" for d in DIRECTIONS for m in metrics],
+        [[method] + [f"{by_d[d][m]['difference']:+.2f}" for d in DIRECTIONS for m in metrics]
+         for method, by_d in cells.items()])
 
 
 def data_note(data: dict) -> str:

@@ -6,6 +6,7 @@ world's models start that way, before the pipeline trains them).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -101,3 +102,37 @@ def pixels_to_input(pixels: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
 
 def embed_dim(name: str) -> int:
     return model_config(name)["embed_dim"]
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """`embed.precision` on `device` as fp32 | bf16 | fp16. auto: fp32 on CPU; bf16 on CUDA, or
+    fp16 where the GPU has no native bf16 (before Ampere; emulated bf16 is slow). fp16 on CPU is a
+    one-line ConfigError (CPU kernels have no fast fp16), as is an unknown precision."""
+    kind = torch.device(device).type
+    if precision == "auto":
+        if kind != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"embed.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and kind == "cpu":
+        raise ConfigError("embed.precision=fp16 needs a GPU: on CPU use bf16 or fp32")
+    return precision
+
+
+def encoder_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The torch dtype the encoder towers compute in on `device` for `embed.precision`
+    (auto | fp32 | bf16 | fp16, see `resolve_precision`; same one-line ConfigErrors)."""
+    return PRECISIONS[resolve_precision(precision, device)]
+
+
+def encoder_autocast(precision: str, device: str | torch.device):
+    """A context that runs a tower at `encoder_dtype(precision, device)`: torch.autocast (matmuls
+    and convolutions in bf16/fp16, layer norms and softmax in fp32), or nothing at fp32."""
+    dtype = encoder_dtype(precision, device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

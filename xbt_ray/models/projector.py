@@ -60,5 +60,11 @@ def procrustes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     and non-whitened `a` it is the usual closed-form approximation. Computed in float64, returned
     in a's dtype.
     """
-    u, _, vh = torch.linalg.svd(b.double().T @ a.double(), full_matrices=False)
-    return (u @ vh).to(a.dtype)
+    return procrustes_from_covariance(b.double().T @ a.double()).to(a.dtype)
+
+
+def procrustes_from_covariance(cov: torch.Tensor) -> torch.Tensor:
+    """`procrustes` from the cross-covariance b^T a (d_out x d_in) alone, which can be summed
+    over blocks of rows without holding them: W = U V^T from its thin SVD, float64."""
+    u, _, vh = torch.linalg.svd(cov.double(), full_matrices=False)
+    return u @ vh

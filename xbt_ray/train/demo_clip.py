@@ -20,7 +20,7 @@ from xbt_ray.train import distributed
 
 log = logging.getLogger(__name__)
 # Part of the cached demo models' recipe: bump it when this file changes how models train.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 
 
 def clip_loop(config: dict) -> None:
@@ -48,7 +48,8 @@ def clip_loop(config: dict) -> None:
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
         total, steps = 0.0, 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
+        for batch in distributed.epoch_batches(shard, micro, trainer, config["seed"], epoch,
+                                               rank):
             images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
             image_f, text_f, scale = engine(images.to(dtype), batch["tokens"].to(engine.device))
             loss = loss_fn(image_f.float(), text_f.float(), scale.float())
@@ -75,10 +76,11 @@ def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str
     """
     run_name = f"demo-clip-{out_path.stem}"
     skip_log = storage_path / run_name / "skipped"
-    train_ds, rows_in = shards.training_stream(
+    rows_in = shards.shard_rows(files)
+    train_ds = shards.training_stream(
         files, shards.decode_pairs,
         {"size": clip.image_size(model.name), "model_name": model.name},
-        ["pixels", "tokens"], skip_log)
+        ["pixels", "tokens"], skip_log, seed)
     if rows_in < recipe.batch_size:
         raise ValueError(f"only {rows_in} image-text rows, fewer than one batch of "
                          f"{recipe.batch_size}")

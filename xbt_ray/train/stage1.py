@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xbt_ray.config import ConfigError, ProjectorConfig, Stage1Config, TrainerConfig
-from xbt_ray.data.cache import Embeddings
-from xbt_ray.data.join import same_items
-from xbt_ray.models.projector import Projector, procrustes
+from xbt_ray.data import cache
+from xbt_ray.data.paired import (PairedCache, cache_files, column_matrix, training_dataset,
+                                  write_pairs)
+from xbt_ray.models.projector import Projector, procrustes_from_covariance
 from xbt_ray.train import distributed
 from xbt_ray.train.losses import add_noise, stage1_loss
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
 SUMMARY = "stage1.json"
+NEW, OLD = "new_text", "old_text"   # the paired cache's embedding columns
 
 
 def stage1_loop(config: dict) -> None:
@@ -53,10 +55,10 @@ def stage1_loop(config: dict) -> None:
     for epoch in range(start_epoch, recipe.epochs):
         totals = {"loss": 0.0, "info_nce": 0.0, "cosine": 0.0}
         steps = 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
-            a = add_noise(batch["a"].float(), recipe.noise_sigma, generator=noise)
+        for batch in distributed.epoch_batches(shard, micro, trainer, config["seed"], epoch, rank):
+            a = add_noise(batch[NEW].float(), recipe.noise_sigma, generator=noise)
             p = engine(a.to(engine.device, dtype)).float()
-            loss, parts = stage1_loss(p, batch["b"].float().to(engine.device), recipe.temperature,
+            loss, parts = stage1_loss(p, batch[OLD].float().to(engine.device), recipe.temperature,
                                       recipe.cosine_weight)
             distributed.check_finite(loss, epoch, steps)
             engine.backward(loss)
@@ -71,42 +73,70 @@ def stage1_loop(config: dict) -> None:
                                  "optimizer_steps": done_steps + engine.global_steps}, rank)
 
 
-def train_stage1(new_text: Embeddings, old_text: Embeddings, projector: ProjectorConfig,
+def caption_pairs(new_text: str | Path, old_text: str | Path, out_dir: Path,
+               role: str) -> PairedCache:
+    """The caption pairs of a caption corpus embedded by both models (columns `new_text`,
+    `old_text`), joined by key on the Ray Data workers and written under `out_dir`."""
+    return write_pairs({OLD: old_text, NEW: new_text}, {}, out_dir, role)
+
+
+def cross_covariance(paired: PairedCache) -> np.ndarray:
+    """old^T new over every pair, (d_old, d_new) float64, summed block by block on the workers
+    (only one d_old x d_new matrix per block reaches the driver): what Procrustes needs."""
+    import ray.data
+
+    def block_sum(table) -> dict:
+        a = column_matrix(table, NEW).astype(np.float64)
+        b = column_matrix(table, OLD).astype(np.float64)
+        return {"sum": (b.T @ a)[None]}
+
+    total = None
+    stream = (ray.data.read_parquet(paired.files).select_columns([NEW, OLD])
+              .map_batches(block_sum, batch_format="pyarrow", batch_size=None))
+    for batch in stream.iter_batches(batch_size=1, batch_format="numpy"):
+        total = batch["sum"][0] if total is None else total + batch["sum"][0]
+    return total
+
+
+def train_stage1(new_text: str | Path, old_text: str | Path, projector: ProjectorConfig,
                  recipe: Stage1Config, trainer: TrainerConfig, run_name: str,
                  storage_path: Path, out_dir: Path, seed: int, callbacks=None) -> Path:
     """Fit psi: new text space -> old text space; writes projector weights + config and a
     summary (`stage1.json`: rows read, skipped and joined per cache) to out_dir.
 
-    Caption rows are linked across the two caches by key (xbt_ray.data.join); raises
+    `new_text` / `old_text`: embedding cache directories of the same caption corpus (any cache
+    following the contract). Captions are linked by key on the Ray Data workers and written once
+    as the stage's paired cache (out_dir/pairs, `xbt_ray.data.paired`); training streams it with
+    per-epoch file/block order and a local shuffle buffer. The driver holds no rows. Raises
     ConfigError if the caches barely overlap or share less than one batch of rows.
     """
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    old, new, joined = same_items(old_text, new_text, "stage 1 captions: old ~ new")
-    keys, a, b = old.keys, new.emb, old.emb
-    if len(keys) < recipe.batch_size:
+    paired = caption_pairs(new_text, old_text, out_dir / "pairs", "stage 1 captions: old ~ new")
+    if paired.rows < recipe.batch_size:
         raise ConfigError(f"stage 1 needs at least one batch ({recipe.batch_size}) of caption "
-                          f"pairs, the caches share {len(keys)}")
-    log.info("stage 1: %d caption pairs, new dim %d -> old dim %d", len(keys), a.shape[1],
-             b.shape[1])
-    init = procrustes(torch.from_numpy(a), torch.from_numpy(b)).numpy() \
-        if projector.procrustes_init else None
-    table = pa.table({"a": ArrowTensorArray.from_numpy(a.astype(np.float32)),
-                      "b": ArrowTensorArray.from_numpy(b.astype(np.float32))})
-    shape = {"d_in": a.shape[1], "d_out": b.shape[1], "depth": projector.depth,
+                          f"pairs, the caches share {paired.rows}")
+    meta_new = cache.read_meta(Path(cache_files(new_text)[0]))
+    meta_old = cache.read_meta(Path(cache_files(old_text)[0]))
+    log.info("stage 1: %d caption pairs, new dim %d -> old dim %d", paired.rows, meta_new["dim"],
+             meta_old["dim"])
+    init = None
+    if projector.procrustes_init:
+        cov = torch.from_numpy(cross_covariance(paired))
+        init = procrustes_from_covariance(cov).float().numpy()
+    shape = {"d_in": meta_new["dim"], "d_out": meta_old["dim"], "depth": projector.depth,
              "width": projector.width}
     result = distributed.fit(
         stage1_loop,
         {"trainer": trainer, "recipe": recipe, "seed": seed, "projector": shape,
-         "init_linear": init, "rows": len(keys)},
+         "init_linear": init, "rows": paired.rows},
         trainer, run_name=run_name, storage_path=storage_path,
-        datasets={"train": ray.data.from_arrow(table).random_shuffle()}, callbacks=callbacks)
+        datasets={"train": training_dataset(paired, [NEW, OLD], seed)}, callbacks=callbacks)
     weights, _ = distributed.load_result_checkpoint(result)
     save_projector(weights, shape, out_dir)
-    summary = {"data": {"read": {"new_text": new_text.counts, "old_text": old_text.counts},
-                        "joins": {"old_text~new_text": joined}, "rows_used": len(keys)}}
+    counts = paired.counts
+    summary = {"data": {"read": {"new_text": counts["read"][NEW],
+                                 "old_text": counts["read"][OLD]},
+                        "joins": {"old_text~new_text": counts["joins"][f"{OLD}~{NEW}"]},
+                        "rows_used": paired.rows}}
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     return out_dir
 

@@ -18,31 +18,33 @@ Checkpoints hold only what was trained (adapters and/or psi), as safetensors.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from xbt_ray.config import LoraConfig, ModelConfig, Stage1Config, Stage2Config, TrainerConfig
-from xbt_ray.data import shards
-from xbt_ray.data.cache import Embeddings
-from xbt_ray.data.join import pairs, same_items
+from xbt_ray.data import paired, shards
 from xbt_ray.models import clip, lora
 from xbt_ray.models.projector import Projector
 from xbt_ray.models.query_encoder import export_query_encoder
 from xbt_ray.train import distributed
 from xbt_ray.train.losses import add_noise, stage1_loss, stage2_loss
-from xbt_ray.train.stage1 import load_projector, save_projector
+from xbt_ray.train.stage1 import NEW, OLD, caption_pairs, load_projector, save_projector
 
 log = logging.getLogger(__name__)
 ADAPTERS = "adapters.safetensors"
 SUMMARY = "stage2.json"
 QUERY_ENCODER = "query_encoder.safetensors"
+# Roles (= paired-cache columns) of the cached pair embeddings stage 2 reads
+NEW_IMAGES, NEW_TEXTS = "new_pair_images", "new_pair_texts"
+OLD_IMAGES, OLD_TEXTS = "old_pair_images", "old_pair_texts"
+# Text pairs each worker draws its regulariser batches from (read by the worker itself)
+TEXT_REG_ROWS = 200_000
 
 
 class AdaptedTowers(torch.nn.Module):
@@ -87,38 +89,24 @@ def _build_module(config: dict):
     return AdaptedTowers(adapted, psi, config["lora"].text_tower), adapted
 
 
-def image_codes(image_ids) -> np.ndarray:
-    """Stable int64 codes of image ids (equal ids -> equal codes), for multi-positive losses."""
-    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(),
-                                    "little", signed=True) for i in image_ids], dtype=np.int64)
-
-
-def decode_training_pairs(batch: dict, size: int, model_name: str,
-                          target_keys: np.ndarray | None) -> dict:
-    """Ray Data UDF: decode pairs, add `image_code`, and (anchored) `target`, the row of the
-    pair's cached old embeddings in `target_keys` (sorted); a pair without one is skipped."""
+def decode_training_pairs(batch: dict, size: int, model_name: str) -> dict:
+    """Ray Data UDF: decode pairs (pixels, tokens, skip_reason) and add `image_code` (a stable
+    int64 hash of the image id: captions of one image are positives of each other); the
+    anchored targets, when the rows carry them, pass through."""
     out = shards.decode_pairs(batch, size, model_name)
-    out["image_code"] = image_codes(batch["image_id"])
-    if target_keys is not None:
-        keys = np.asarray(batch["key"]).astype(str)
-        pos = np.searchsorted(target_keys, keys).clip(max=max(0, len(target_keys) - 1))
-        found = target_keys[pos] == keys
-        out["target"] = np.where(found, pos, -1).astype(np.int64)
-        out["skip_reason"] = np.where((out["skip_reason"] == "") & ~found, "no_old_target",
-                                      out["skip_reason"])
+    out["image_code"] = paired.image_codes(batch["image_id"])
+    for name in (OLD_IMAGES, OLD_TEXTS):
+        if name in batch:
+            out[name] = batch[name]
     return out
 
 
-def anchor_targets(old_images: Embeddings, old_texts: Embeddings) -> tuple[dict, dict]:
-    """Cached old embeddings of each training caption, sorted by caption key: its own old text
-    embedding (by key) and its image's old embedding (by image_id). Returns (targets, join
-    counts)."""
-    joined = pairs({"old_pair_texts": old_texts}, {"old_pair_images": old_images},
-                   "anchored targets")
-    keys = joined.keys.astype(str)
-    order = np.argsort(keys)
-    return ({"keys": keys[order], "image": joined.images[0][order],
-             "text": joined.texts[0][order]}, joined.counts)
+def anchor_targets(old_images: str | Path, old_texts: str | Path, out_dir: Path):
+    """Cached old embeddings of each training caption, joined on the workers and written as a
+    paired cache: its own old text embedding (by key) and its image's old embedding (by
+    image_id)."""
+    return paired.write_pairs({OLD_TEXTS: old_texts}, {OLD_IMAGES: old_images}, out_dir,
+                              "anchored targets")
 
 
 def stage2_loop(config: dict) -> None:
@@ -146,10 +134,10 @@ def stage2_loop(config: dict) -> None:
         start_step=steps_per_epoch * start_epoch)
     dtype = distributed.engine_dtype(engine)
     anchors = recipe.anchor_weights()
-    targets = config["anchor_targets"]
-    if targets is not None and not isinstance(targets, dict):
-        targets = ray.get(targets)  # an ObjectRef: shared by the workers of one node
-    text_pairs = config["text_pairs"]
+    text_pairs = None
+    if config["text_pair_files"]:   # read by this worker, never through the driver
+        text_pairs = paired.sample_rows(config["text_pair_files"], [NEW, OLD], TEXT_REG_ROWS,
+                                        config["seed"] * 1000 + rank)
     rng = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     preprocess = adapted.base_model.model.visual.preprocess_cfg if adapted is not None else None
     shard = ray.train.get_dataset_shard("train")
@@ -157,19 +145,16 @@ def stage2_loop(config: dict) -> None:
         engine.train()
         totals: dict[str, float] = {}
         steps = 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
+        for batch in distributed.epoch_batches(shard, micro, trainer, config["seed"], epoch,
+                                               rank):
             old_image = old_text = None
+            if anchors:
+                old_image, old_text = batch[OLD_IMAGES], batch[OLD_TEXTS]
             if recipe.mode == "psi-only":
-                inputs = (batch["image_emb"], batch["text_emb"])
-                if anchors:
-                    old_image, old_text = batch["old_image_emb"], batch["old_text_emb"]
+                inputs = (batch[NEW_IMAGES], batch[NEW_TEXTS])
             else:
                 images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
                 inputs = (images, batch["tokens"])
-                if anchors:
-                    rows = batch["target"].numpy()
-                    old_image = torch.from_numpy(targets["image"][rows])
-                    old_text = torch.from_numpy(targets["text"][rows])
             u, v = engine(*(x.to(engine.device, dtype) if x.is_floating_point()
                             else x.to(engine.device) for x in inputs))
             loss, parts = stage2_loss(
@@ -179,11 +164,11 @@ def stage2_loop(config: dict) -> None:
                   for t in (old_image, old_text)))
             text_reg = torch.zeros(())
             if recipe.text_weight > 0:
-                idx = torch.randint(len(text_pairs["a"]), (micro,), generator=rng)
-                a = add_noise(torch.from_numpy(text_pairs["a"][idx.numpy()]),
+                idx = torch.randint(len(text_pairs[NEW]), (micro,), generator=rng).numpy()
+                a = add_noise(torch.from_numpy(text_pairs[NEW][idx]),
                               config["stage1"].noise_sigma, generator=rng)
                 p = module.psi(a.to(engine.device, dtype)).float()
-                text_reg, _ = stage1_loss(p, torch.from_numpy(text_pairs["b"][idx.numpy()]),
+                text_reg, _ = stage1_loss(p, torch.from_numpy(text_pairs[OLD][idx]),
                                           config["stage1"].temperature,
                                           config["stage1"].cosine_weight)
                 loss = loss + recipe.text_weight * text_reg
@@ -206,81 +191,73 @@ def stage2_loop(config: dict) -> None:
 def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_cfg: LoraConfig,
                  stage1: Stage1Config, trainer: TrainerConfig, run_name: str, storage_path: Path,
                  out_dir: Path, seed: int, pair_files: list[str] | None = None,
-                 pair_embeddings: tuple[Embeddings, Embeddings] | None = None,
-                 text_pairs: tuple[Embeddings, Embeddings] | None = None,
-                 anchor_embeddings: tuple[Embeddings, Embeddings] | None = None,
+                 pair_embeddings: tuple[Path, Path] | None = None,
+                 text_pairs: tuple[Path, Path] | None = None,
+                 anchor_embeddings: tuple[Path, Path] | None = None,
                  export_encoder: bool = True) -> dict:
     """Run stage 2 and export the upgraded query encoder (unless `export_encoder` is off: a
     sweep trial keeps psi and the adapters only). Returns the summary.
 
-    `pair_files`: image-text shards (mode lora). `pair_embeddings`: cached NEW image and text
-    embeddings of the pairs (mode psi-only). `text_pairs`: cached (new text, old text) from
-    stage 1, for the optional regulariser. `anchor_embeddings`: the CACHED old image and text
-    embeddings of the pairs (objective anchored only): captions keyed like the pair rows, images
-    by image id, linked through xbt_ray.data.join. There is
-    deliberately no old-model argument: no old forward pass can happen here.
+    Inputs are files and cache directories, never rows: every join runs on the Ray Data
+    workers (xbt_ray.data.paired) and is written once under out_dir before training starts.
+    `pair_files`: image-text shards (mode lora). `pair_embeddings`: cache directories of the
+    NEW image and text embeddings of the pairs (mode psi-only). `text_pairs`: (new text, old
+    text) caches of the caption corpus, for the optional regulariser. `anchor_embeddings`: the
+    CACHED old image and text embeddings of the pairs (objective anchored only): captions keyed
+    like the pair rows, images by image id. There is deliberately no old-model argument: no old
+    forward pass can happen here.
     """
-    import ray
-    import ray.data
-
     psi = load_projector(stage1_dir)
     shape = psi.config()
     anchored = bool(recipe.anchor_weights())
     if anchored and anchor_embeddings is None:
         raise ValueError("the anchored objective needs anchor_embeddings (cached old image and "
                          "text embeddings of the training pairs)")
+    out_dir = Path(out_dir).absolute()
     joins: dict = {}
-    targets = None
-    if anchored and recipe.mode != "psi-only":
-        targets, joins = anchor_targets(*anchor_embeddings)
     loop_config = {"trainer": trainer, "recipe": recipe, "stage1": stage1, "lora": lora_cfg,
                    "seed": seed, "new_model": new, "projector_shape": shape,
-                   "projector_weights": psi.state_dict(), "text_pairs": None,
-                   "anchor_targets": None}
+                   "projector_weights": psi.state_dict(), "text_pair_files": None}
     if recipe.text_weight > 0:
-        new_text, old_text = text_pairs
-        old_rows, new_rows, joins["old_text~new_text"] = same_items(
-            old_text, new_text, "stage 2 text regulariser")
-        a, b = new_rows.emb, old_rows.emb
-        keep = np.random.default_rng(seed).permutation(len(a))[:200_000]
-        loop_config["text_pairs"] = {"a": a[keep], "b": b[keep]}
+        if text_pairs is None:
+            raise ValueError("stage2.text_weight > 0 needs text_pairs (new and old text caches)")
+        texts = caption_pairs(*text_pairs, out_dir / "text_pairs", "stage 2 text regulariser")
+        joins["old_text~new_text"] = texts.counts["joins"][f"{OLD}~{NEW}"]
+        loop_config["text_pair_files"] = texts.files
 
-    counts: dict
     if recipe.mode == "psi-only":
-        from ray.data.extensions import ArrowTensorArray
-        import pyarrow as pa
-
-        images, texts = pair_embeddings
-        text_caches = {"new_pair_texts": texts}
-        image_caches = {"new_pair_images": images}
+        images, captions = pair_embeddings
+        text_caches, image_caches = {NEW_TEXTS: captions}, {NEW_IMAGES: images}
         if anchored:  # the old targets of each caption: its own old text, its image's old image
-            old_images, old_texts = anchor_embeddings
-            text_caches["old_pair_texts"] = old_texts
-            image_caches["old_pair_images"] = old_images
-        joined = pairs(text_caches, image_caches, "psi-only stage 2 pairs")
-        joins |= joined.counts
-        columns = {"image_emb": joined.images[0], "text_emb": joined.texts[0],
-                   "image_code": joined.image_codes}
-        if anchored:
-            columns |= {"old_image_emb": joined.images[1], "old_text_emb": joined.texts[1]}
-        table = pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v
-                          for k, v in columns.items()})
-        dataset = ray.data.from_arrow(table).random_shuffle()
-        unjoined = len(texts) - len(joined)
-        counts = {"rows_in": len(texts), "rows_used": len(joined),
-                  "skipped": {"unjoined": unjoined} if unjoined else {}}
-        loop_config["rows"] = len(joined)
+            image_caches[OLD_IMAGES], text_caches[OLD_TEXTS] = anchor_embeddings
+        pairs = paired.write_pairs(text_caches, image_caches, out_dir / "pairs",
+                                   "psi-only stage 2 pairs")
+        joins |= pairs.counts["joins"]
+        base = pairs.counts["read"][NEW_TEXTS]
+        skipped = dict(base["skipped"])
+        if base["rows_used"] > pairs.rows:
+            skipped["unjoined"] = base["rows_used"] - pairs.rows
+        counts = {"rows_in": base["rows_in"], "rows_used": pairs.rows, "skipped": skipped}
+        columns = [NEW_IMAGES, NEW_TEXTS, "image_code"] + ([OLD_IMAGES, OLD_TEXTS]
+                                                            if anchored else [])
+        dataset = paired.training_dataset(pairs, columns, seed)
+        loop_config["rows"] = pairs.rows
     else:
-        skip_log = Path(storage_path).absolute() / run_name / "skipped"
-        dataset, rows_in = shards.training_stream(
-            pair_files, decode_training_pairs,
-            {"size": clip.image_size(new.name), "model_name": new.name,
-             "target_keys": targets["keys"] if anchored else None},
-            ["pixels", "tokens", "image_code"] + (["target"] if anchored else []), skip_log)
-        loop_config["rows"] = rows_in
-        if anchored:
-            loop_config["anchor_targets"] = ray.put({"image": targets["image"],
-                                                     "text": targets["text"]})
+        skip_log = out_dir / "skipped"
+        shutil.rmtree(skip_log, ignore_errors=True)
+        rows_in = shards.shard_rows(pair_files)
+        files, not_anchored = pair_files, 0
+        if anchored:  # each caption row carries its cached old targets from here on
+            targets = anchor_targets(*anchor_embeddings, out_dir / "anchor_targets")
+            joins |= targets.counts["joins"]
+            files = paired.rows_with_targets(pair_files, targets, out_dir / "anchored_rows")
+            not_anchored = rows_in - shards.shard_rows(files)
+        dataset = shards.training_stream(
+            files, decode_training_pairs,
+            {"size": clip.image_size(new.name), "model_name": new.name},
+            ["pixels", "tokens", "image_code"] + ([OLD_IMAGES, OLD_TEXTS] if anchored else []),
+            skip_log, seed, carry=[OLD_IMAGES, OLD_TEXTS] if anchored else [])
+        loop_config["rows"] = rows_in - not_anchored
     log.info("stage 2 (%s, %s%s): %d pairs, psi %s, LoRA %s", recipe.objective, recipe.mode,
              f", anchors {recipe.anchor_weights()}" if anchored else "", loop_config["rows"],
              "trained" if recipe.psi_lr > 0 else "frozen",
@@ -289,6 +266,8 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
                              storage_path=storage_path, datasets={"train": dataset})
     if recipe.mode != "psi-only":
         skipped = shards.skip_counts(skip_log)
+        if not_anchored:
+            skipped["no_old_target"] = not_anchored
         counts = {"rows_in": rows_in, "rows_used": rows_in - sum(skipped.values()),
                   "skipped": skipped}
     counts["joins"] = joins

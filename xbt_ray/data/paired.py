@@ -1,0 +1,336 @@
+"""Training pairs joined on the Ray Data workers and written once: the paired cache of a stage.
+
+Training reads embedding caches that can hold billions of rows, so nothing here passes rows
+through the job driver. A stage names its input caches by role (e.g. `new_text`, `old_text`);
+`write_pairs` reads them with Ray Data, drops unsearchable vectors (zero or NaN/inf, counted),
+links them with Ray Data's hash join — text caches by `key` (the same captions under two
+models), image caches by the captions' `image_id` (the image each caption describes, keyed by
+image id in an image cache) — and writes the joined rows with Ray Data's parquet writer into
+the stage's directory: one row per caption with one embedding column per role, `image_id`, and
+`image_code` (int64, equal for captions of one image: the multi-positive InfoNCE's positives).
+The driver sees only counts, parquet footers and file names.
+
+Why a paired cache written once instead of a join inside every epoch: an epoch then reads plain
+parquet (file and block order randomised, rows shuffled in a bounded local buffer; see
+`training_dataset`), the join's hash shuffle runs once per stage instead of once per epoch, and
+the counts of the join are known before training starts (steps per epoch, the lopsided-join
+check). It costs one more copy of the joined columns on disk (the stage's inputs, e.g.
+2 x 512 float16 per caption for the anchored targets).
+
+The same module turns the image-text shards of LoRA stage 2 into a training stream
+(`shard_stream`, `anchored_rows`): raw rows are read with Ray Data, file and block order
+randomised every epoch, and (anchored objective) each caption row carries its cached old targets
+after a join with the anchor paired cache, so no lookup table travels as one object.
+
+Counts (`PairedCache.counts`): `read` per cache (rows_in from the parquet footers, rows_used,
+skipped by reason), and `joins` per link, named as in `xbt_ray.data.join`
+("<base>~<text cache>", "<base>-><image cache>") with `left_rows`, `right_rows`, `joined`,
+`unmatched_left`, `unmatched_right` of the FINAL pairs (a caption that some later link drops is
+unmatched for every link). An empty join, or one that leaves more than half of either side
+unmatched, is a one-line ConfigError naming the caches, as in `xbt_ray.data.join`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xbt_ray.config import ConfigError
+from xbt_ray.data import cache
+from xbt_ray.data.join import MIN_JOINED_FRACTION
+
+log = logging.getLogger(__name__)
+MARKER = "_PAIRS.json"
+# Rows per file the paired cache is written in: files are the unit of the per-epoch file shuffle
+ROWS_PER_FILE = 50_000
+
+
+@dataclass
+class PairedCache:
+    """A written paired cache: parquet `files` of `rows` joined rows, one embedding column per
+    role in `roles` (fixed-size lists, the source caches' float dtype) plus `key`, `image_id`
+    and `image_code`."""
+
+    directory: Path
+    files: list[str]
+    rows: int
+    roles: list[str]
+    counts: dict
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+def cache_files(directory: str | Path) -> list[str]:
+    """The parquet parts of an embedding cache directory; one-line ConfigError if none."""
+    files = sorted(glob.glob(str(Path(directory) / "part-*.parquet")))
+    if not files:
+        raise ConfigError(f"no embedding files (part-*.parquet) in {directory}")
+    return files
+
+
+def check_cache(directory: str | Path, role: str) -> tuple[list[str], dict]:
+    """(files, metadata) of a cache a stage reads: every file's metadata agrees, and a cache
+    without `_SUCCESS.json` (hand-written, not from the embedding job or `write_embeddings`,
+    which both refuse repeated keys) is checked for repeated keys on the workers."""
+    files = cache_files(directory)
+    meta = cache.read_meta(Path(files[0]))
+    for f in files[1:]:
+        if cache.read_meta(Path(f)) != meta:
+            raise ConfigError(f"{role}: embedding file {f} has metadata that differs from "
+                              f"{Path(files[0]).name}")
+    if cache.completed_counts(Path(directory)) is None:
+        refuse_duplicate_keys(files, f"{role} ({directory})")
+    return files, meta
+
+
+def refuse_duplicate_keys(files: list[str], where: str) -> None:
+    """One-line ConfigError when the `key` column of these parquet files repeats a key; checked
+    with a Ray Data group-by on the workers (only the repeated keys' count reaches the driver)."""
+    import ray.data
+
+    repeated = (ray.data.read_parquet(files).select_columns(["key"])
+                .groupby("key", num_partitions=shuffle_partitions()).count()
+                .filter(lambda row: row["count()"] > 1))
+    sample = repeated.take(1)
+    if sample:
+        raise ConfigError(f"{where} holds {repeated.count()} duplicate keys (e.g. "
+                          f"{sample[0]['key']!r}); keys must be unique across files: deduplicate "
+                          "or re-key them")
+
+
+def shuffle_partitions() -> int:
+    """Hash partitions of a shuffle (join, group-by): one per CPU of the cluster, within
+    [1, 256] (Ray Data's default of 200 aggregators dwarfs jobs on a small cluster; more
+    partitions than CPUs only queue)."""
+    import ray
+
+    return max(1, min(256, int(ray.cluster_resources().get("CPU", 1))))
+
+
+def column_matrix(table, name: str) -> np.ndarray:
+    """A fixed-size-list column of a pyarrow table as an (n, dim) array of its float dtype."""
+    col = table.column(name).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def _usable_rows(table, role: str, id_column: str, log_dir: str):
+    """Ray Data UDF (pyarrow block): ids as str, the `emb` column renamed to `role`, rows whose
+    vector is all zeros or not finite dropped and counted in a small JSON file under `log_dir`.
+    An image cache's `key` becomes `image_id` (what caption rows name)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    emb = table.column("emb").combine_chunks()
+    if emb.null_count:
+        raise ConfigError(f"{role}: {emb.null_count} rows with a null emb")
+    values = column_matrix(table, "emb")
+    finite = np.isfinite(values).all(axis=1)
+    nonzero = np.abs(np.where(finite[:, None], values, 0)).max(axis=1, initial=0) > 0
+    usable = finite & nonzero
+    skipped = {r: int(n) for r, n in (("non_finite", (~finite).sum()),
+                                      ("zero_vector", (finite & ~nonzero).sum())) if n}
+    if skipped:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        Path(log_dir, f"{role}-{uuid.uuid4().hex}.json").write_text(json.dumps(skipped))
+    ids = {}
+    for name in ("key", "image_id"):
+        if name in table.column_names:
+            ids[name] = pc.cast(table.column(name), pa.string())
+    columns = ({"image_id": ids["key"]} if id_column == "image_id"
+               else {"key": ids["key"], "image_id": ids.get("image_id", ids["key"])})
+    columns[role] = emb
+    return pa.table(columns).filter(pa.array(usable))
+
+
+def _read_cache(directory, role: str, id_column: str, log_dir: Path):
+    """A cache's usable rows as a Ray Dataset with columns (key, image_id, <role>) for a text
+    cache, (image_id, <role>) for an image cache."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    files, meta = check_cache(directory, role)
+    wanted = [c for c in ("key", "image_id", "emb") if c in pq.read_schema(files[0]).names]
+    missing = {"key", "emb"} - set(wanted)
+    if missing:
+        raise ConfigError(f"{role}: embedding file {files[0]} lacks columns {sorted(missing)}")
+    ds = ray.data.read_parquet(files).select_columns(wanted).map_batches(
+        _usable_rows, fn_kwargs={"role": role, "id_column": id_column, "log_dir": str(log_dir)},
+        batch_format="pyarrow", batch_size=None)
+    return ds, files, meta
+
+
+def image_codes(image_ids) -> np.ndarray:
+    """(N,) int64 codes of image ids, equal for equal ids (a stable 64-bit hash of the id as
+    str; collisions between distinct ids have probability ~N^2 / 2^65): the positives of the
+    multi-positive InfoNCE, comparable across batches, workers and runs."""
+    from pandas.util import hash_array
+
+    ids = cache.as_ids(image_ids)
+    return hash_array(ids, categorize=False).view(np.int64)
+
+
+def _add_image_code(table):
+    """Ray Data UDF: `image_code` of `image_id`."""
+    import pyarrow as pa
+
+    codes = image_codes(table.column("image_id").to_numpy(zero_copy_only=False))
+    return table.append_column("image_code", pa.array(codes, pa.int64()))
+
+
+def write_pairs(texts: dict[str, str | Path], images: dict[str, str | Path], out_dir: Path,
+                role: str, min_fraction: float = MIN_JOINED_FRACTION) -> PairedCache:
+    """Join caption caches by key (the first one is the base) and image caches by the captions'
+    image_id on the Ray Data workers, and write the pairs to `out_dir` (parquet, ~ROWS_PER_FILE
+    rows per file). `texts` / `images` map a role name to a cache directory; each role becomes
+    an embedding column. A directory already written for the same inputs is reused.
+
+    Raises ConfigError (one line) for an empty or lopsided join (see the module docstring), a
+    cache with inconsistent metadata, or a hand-written cache with repeated keys.
+    """
+    import ray.data
+
+    out_dir = Path(out_dir).absolute()
+    inputs = {name: str(Path(d).absolute()) for name, d in {**texts, **images}.items()}
+    marker = out_dir / MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done["inputs"] == inputs:
+            log.info("%s: paired cache %s reused (%d rows)", role, out_dir, done["rows"])
+            return PairedCache(out_dir, done["files"], done["rows"], done["roles"],
+                               done["counts"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    skip_dir = out_dir.parent / f".{out_dir.name}-skipped"
+    shutil.rmtree(skip_dir, ignore_errors=True)
+
+    names = list(texts) + list(images)
+    datasets, files, metas = {}, {}, {}
+    for name in names:
+        id_column = "key" if name in texts else "image_id"
+        datasets[name], files[name], metas[name] = _read_cache(inputs[name], name, id_column,
+                                                               skip_dir)
+    base_name = names[0]
+    n_parts = shuffle_partitions()
+    joined = datasets[base_name]
+    for name in names[1:]:
+        right = datasets[name]
+        if name in texts:
+            right = right.drop_columns(["image_id"])
+        on = ("key",) if name in texts else ("image_id",)
+        joined = joined.join(right, join_type="inner", num_partitions=n_parts, on=on)
+    joined = joined.map_batches(_add_image_code, batch_format="pyarrow", batch_size=None)
+    pairs_dir = out_dir / "rows"
+    joined.write_parquet(str(pairs_dir), min_rows_per_file=ROWS_PER_FILE)
+    written = sorted(glob.glob(str(pairs_dir / "*.parquet")))
+    rows = sum(cache.parquet_rows(written)) if written else 0
+
+    skipped: dict[str, Counter] = {name: Counter() for name in names}
+    for path in skip_dir.glob("*.json"):
+        skipped[path.name.rsplit("-", 1)[0]].update(json.loads(path.read_text()))
+    shutil.rmtree(skip_dir, ignore_errors=True)
+    read = {}
+    for name in names:
+        rows_in = sum(cache.parquet_rows(files[name]))
+        read[name] = {"rows_in": rows_in, "rows_used": rows_in - sum(skipped[name].values()),
+                      "skipped": dict(skipped[name])}
+    matched_images = 0
+    if images and rows:
+        matched_images = (ray.data.read_parquet(written).select_columns(["image_id"])
+                          .groupby("image_id", num_partitions=n_parts).count().count())
+    joins = {}
+    left_rows = read[base_name]["rows_used"]
+    for name in names[1:]:
+        arrow = "~" if name in texts else "->"
+        right_rows = read[name]["rows_used"]
+        matched_right = rows if name in texts else matched_images
+        joins[f"{base_name}{arrow}{name}"] = {
+            "left_rows": left_rows, "right_rows": right_rows, "joined": rows,
+            "unmatched_left": left_rows - rows, "unmatched_right": right_rows - matched_right}
+        _check_join(role, base_name, name, "key" if name in texts else "image_id", inputs, rows,
+                    left_rows, matched_right, right_rows, min_fraction)
+    counts = {"read": read, "joins": joins}
+    for link, c in joins.items():
+        log.info("join %s: %s: %s", role, link, c)
+    marker.write_text(json.dumps({"inputs": inputs, "files": written, "rows": rows,
+                                  "roles": names, "counts": counts}, indent=2))
+    return PairedCache(out_dir, written, rows, names, counts)
+
+
+def _check_join(role, left, right, on, inputs, joined, left_rows, matched_right, right_rows,
+                min_fraction) -> None:
+    left_ok = left_rows and joined >= min_fraction * left_rows
+    right_ok = right_rows and matched_right >= min_fraction * right_rows
+    if joined and left_ok and right_ok:
+        return
+    what = "nothing joined" if not joined else "a lopsided join"
+    raise ConfigError(
+        f"{role}: {what}: {joined} of {left_rows} rows of {left} ({inputs[left]}) matched "
+        f"{matched_right} of {right_rows} rows of {right} ({inputs[right]}) by {on} -> key")
+
+
+def rows_with_targets(pair_files: list[str], targets: PairedCache, out_dir: Path) -> list[str]:
+    """Image-text shards whose caption rows carry their cached old targets: the raw rows
+    (key, image_id, jpg, txt) inner-joined by key with the anchor paired cache on the workers,
+    written once to `out_dir` (parquet, reused for the same inputs). Returns the written files;
+    a caption without a target is left out (the caller counts rows in minus rows written as
+    `no_old_target`). Costs one copy of the training pairs' bytes on disk, in exchange for
+    epochs that read plain parquet instead of re-running a hash join of image bytes."""
+    import ray.data
+
+    from xbt_ray.data import shards
+
+    out_dir = Path(out_dir).absolute()
+    inputs = {"shards": sorted(pair_files), "targets": str(targets.directory)}
+    marker = out_dir / MARKER
+    if marker.is_file() and json.loads(marker.read_text())["inputs"] == inputs:
+        return json.loads(marker.read_text())["files"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    raw = shards.read_rows(pair_files, ["key", "image_id", "jpg", "txt"])
+    right = ray.data.read_parquet(targets.files).select_columns(["key"] + targets.roles)
+    joined = raw.join(right, join_type="inner", num_partitions=shuffle_partitions(),
+                      on=("key",))
+    joined.write_parquet(str(out_dir / "rows"), min_rows_per_file=ROWS_PER_FILE)
+    written = sorted(glob.glob(str(out_dir / "rows" / "*.parquet")))
+    marker.write_text(json.dumps({"inputs": inputs, "files": written}, indent=2))
+    return written
+
+
+def training_dataset(paired: PairedCache, columns: list[str], seed: int):
+    """The paired cache as a training stream, `columns` selected: the order in which its files
+    (ROWS_PER_FILE rows each) are read is re-randomised every epoch (seeded: an epoch's order
+    depends on `seed` and the epoch), and rows are shuffled within each worker's local buffer
+    (`trainer.shuffle_buffer_rows`) by the loop. There is no global shuffle, and no
+    `randomize_block_order` either: that is an all-to-all barrier that holds every block of the
+    epoch in the object store before the first batch."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    return (ray.data.read_parquet(paired.files, shuffle=FileShuffleConfig(seed=seed))
+            .select_columns(columns))
+
+
+def sample_rows(paired_files: list[str], columns: list[str], max_rows: int,
+                seed: int) -> dict[str, np.ndarray]:
+    """Up to `max_rows` rows of a paired cache, read by the calling worker from randomly chosen
+    files (no driver involved): {column: (n, dim) float32}. For regularisers that draw random
+    rows beside the main stream."""
+    import pyarrow.parquet as pq
+
+    order = np.random.default_rng(seed).permutation(len(paired_files))
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    held = 0
+    for i in order:
+        table = pq.read_table(paired_files[i], columns=columns)
+        for c in columns:
+            parts[c].append(column_matrix(table, c).astype(np.float32))
+        held += len(table)
+        if held >= max_rows:
+            break
+    return {c: np.concatenate(v)[:max_rows] for c, v in parts.items()}
