@@ -155,7 +155,7 @@ def test_smoke_chain_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlflow_
         r["method"] for r in report["rows"]}
 
 
-def test_second_run_reuses_world_models_and_embeddings(tiny_run):
+def test_second_run_reuses_world_models_and_embeddings(ray_session, tiny_run):
     config, _ = tiny_run
     again = dataclasses.replace(config, run_name="tiny-again")
     timings = {}

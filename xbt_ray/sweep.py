@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from xbt_ray import tracking
 from xbt_ray.config import (Config, ConfigError, EvalConfig, _merge, nest, read_yaml,
@@ -333,6 +335,31 @@ class Divergence:
 
 # --- one trial -----------------------------------------------------------------------------
 
+@ray.remote(num_cpus=0)
+def prepare_trial_data(caches: dict, train_caches: dict, config: Config, recipe,
+                       stage1_dir: Path, stage2_dir: Path) -> None:
+    """The Ray Data work of a trial (the joins into paired caches, Procrustes' cross-covariance),
+    run as a task OUTSIDE the trial's placement group: Ray Data's shuffle tasks set no
+    scheduling strategy, so inside the trial they would be captured by its CPU-less bundle and
+    never scheduled. The trial's train_stage1 / train_stage2 then reuse what this wrote."""
+    from xbt_ray.train.stage1 import caption_pairs, cross_covariance
+    from xbt_ray.train.stage2 import psi_only_pairs
+
+    texts = caption_pairs(caches["new_text"], caches["old_text"], stage1_dir / "pairs",
+                          "stage 1 captions: old ~ new")
+    if config.projector.procrustes_init:
+        cross_covariance(texts)
+    if not config.sweep.stage2:
+        return
+    anchored = bool(recipe.anchor_weights())
+    psi_only_pairs((train_caches["new_pair_images"], train_caches["new_pair_texts"]),
+                   ((train_caches["old_pair_images"], train_caches["old_pair_texts"])
+                    if anchored else None), stage2_dir)
+    if recipe.text_weight > 0:
+        caption_pairs(caches["new_text"], caches["old_text"], stage2_dir / "text_pairs",
+                      "stage 2 text regulariser")
+
+
 def run_trial(params: dict, base: Config, caches: dict[str, str], train_caches: dict[str, str],
               val_keys: np.ndarray, sweep_dir: str) -> None:
     """Tune function trainable: stage 1 (and a psi-only stage 2) of one sampled config, on the
@@ -352,7 +379,12 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], train_caches: 
             for r in ("new_text", "old_text")}
     shape = {"d_in": dims["new_text"], "d_out": dims["old_text"],
              "depth": config.projector.depth, "width": config.projector.width}
-    stage1_dir = trial_dir / "stage1"
+    stage1_dir = trial_dir.absolute() / "stage1"
+    recipe = stage2_recipe(config)
+    stage2_dir = trial_dir.absolute() / "stage2"
+    ray.get(prepare_trial_data.options(  # outside the trial's placement group (see below)
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote(
+        caches, train_caches, config, recipe, stage1_dir, stage2_dir))
     with Divergence(1, STAGE1_METHOD) as diverged:
         train_stage1(caches["new_text"], caches["old_text"], config.projector, config.stage1,
                      config.trainer, run_name="stage1", storage_path=trial_dir / "ray-train",
@@ -360,9 +392,7 @@ def run_trial(params: dict, base: Config, caches: dict[str, str], train_caches: 
                      callbacks=[ValidationReport(validator, STAGE1_METHOD, shape, {"stage": 1})])
     if diverged or not config.sweep.stage2:
         return
-    recipe = stage2_recipe(config)
     train = train_caches
-    stage2_dir = trial_dir / "stage2"
     method = stage2_method(config)
     with Divergence(2, method) as diverged:
         train_stage2(config.new, stage1_dir, recipe, config.lora, config.stage1, config.trainer,
@@ -594,7 +624,6 @@ def run_sweep(config: Config, space_path: str | Path, num_samples: int | None = 
     ASHA on the primary metric; writes leaderboard, best config and summary to run_dir and
     MLflow. Returns the leaderboard and where the best config is."""
     import mlflow
-    import ray
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from xbt_ray.pipeline import init_ray, inputs_step, need, timed

@@ -90,11 +90,15 @@ def cross_covariance(paired: PairedCache) -> np.ndarray:
         b = column_matrix(table, OLD).astype(np.float64)
         return {"sum": (b.T @ a)[None]}
 
+    saved = paired.directory / "cross_covariance.npy"   # computed once per paired cache
+    if saved.is_file():
+        return np.load(saved)
     total = None
     stream = (ray.data.read_parquet(paired.files).select_columns([NEW, OLD])
               .map_batches(block_sum, batch_format="pyarrow", batch_size=None))
     for batch in stream.iter_batches(batch_size=1, batch_format="numpy"):
         total = batch["sum"][0] if total is None else total + batch["sum"][0]
+    np.save(saved, total)
     return total
 
 

@@ -226,12 +226,7 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
         loop_config["text_pair_files"] = texts.files
 
     if recipe.mode == "psi-only":
-        images, captions = pair_embeddings
-        text_caches, image_caches = {NEW_TEXTS: captions}, {NEW_IMAGES: images}
-        if anchored:  # the old targets of each caption: its own old text, its image's old image
-            image_caches[OLD_IMAGES], text_caches[OLD_TEXTS] = anchor_embeddings
-        pairs = paired.write_pairs(text_caches, image_caches, out_dir / "pairs",
-                                   "psi-only stage 2 pairs")
+        pairs = psi_only_pairs(pair_embeddings, anchor_embeddings if anchored else None, out_dir)
         joins |= pairs.counts["joins"]
         base = pairs.counts["read"][NEW_TEXTS]
         skipped = dict(base["skipped"])
@@ -273,6 +268,18 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
     counts["joins"] = joins
     weights, info = distributed.load_result_checkpoint(result)
     return _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir, export_encoder)
+
+
+def psi_only_pairs(pair_embeddings: tuple[Path, Path],
+                   anchor_embeddings: tuple[Path, Path] | None, out_dir: Path):
+    """The paired cache a psi-only stage 2 trains on (out_dir/pairs): the new image and text
+    embeddings of each caption, and (anchored, `anchor_embeddings` given) its old targets."""
+    images, captions = pair_embeddings
+    text_caches, image_caches = {NEW_TEXTS: captions}, {NEW_IMAGES: images}
+    if anchor_embeddings is not None:  # each caption's own old text, its image's old image
+        image_caches[OLD_IMAGES], text_caches[OLD_TEXTS] = anchor_embeddings
+    return paired.write_pairs(text_caches, image_caches, Path(out_dir).absolute() / "pairs",
+                              "psi-only stage 2 pairs")
 
 
 def _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir: Path,
