@@ -188,17 +188,24 @@ def read_embeddings(directory: str | Path, expect: dict | None = None) -> Embedd
     if counts is not None and counts.get("rows_embedded", len(keys)) != len(keys):
         raise ConfigError(f"embedding cache {directory} holds {len(keys)} rows but its {SUCCESS} "
                           f"says {counts['rows_embedded']}: parts were added or removed")
-    finite = np.isfinite(emb).all(axis=1)
-    nonzero = np.abs(np.where(finite[:, None], emb, 0)).max(axis=1, initial=0) > 0
-    usable = finite & nonzero
-    skipped = {r: int(n) for r, n in (("non_finite", (~finite).sum()),
-                                      ("zero_vector", (finite & ~nonzero).sum())) if n}
+    usable, skipped = searchable_rows(emb)
     if skipped:
         log.warning("embedding cache %s: skipped %s of %d rows (unsearchable vectors)",
                     directory, skipped, len(keys))
     read_counts = {"rows_in": int(len(keys)), "rows_used": int(usable.sum()), "skipped": skipped}
     return Embeddings(keys[usable], image_ids[usable], emb[usable], meta, str(directory),
                       read_counts)
+
+
+def searchable_rows(emb: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Which rows of (N, dim) vectors can be searched: (usable (N,) bool, skipped counts by
+    reason). A row holding NaN/inf is `non_finite`; an all-zero row (how some vector stores
+    export items that failed to embed) is `zero_vector`."""
+    finite = np.isfinite(emb).all(axis=1)
+    nonzero = np.abs(np.where(finite[:, None], emb, 0)).max(axis=1, initial=0) > 0
+    skipped = {r: int(n) for r, n in (("non_finite", (~finite).sum()),
+                                      ("zero_vector", (finite & ~nonzero).sum())) if n}
+    return finite & nonzero, skipped
 
 
 def _one_line(error: Exception) -> str:

@@ -131,12 +131,7 @@ def _usable_rows(table, role: str, id_column: str, log_dir: str):
     emb = table.column("emb").combine_chunks()
     if emb.null_count:
         raise ConfigError(f"{role}: {emb.null_count} rows with a null emb")
-    values = column_matrix(table, "emb")
-    finite = np.isfinite(values).all(axis=1)
-    nonzero = np.abs(np.where(finite[:, None], values, 0)).max(axis=1, initial=0) > 0
-    usable = finite & nonzero
-    skipped = {r: int(n) for r, n in (("non_finite", (~finite).sum()),
-                                      ("zero_vector", (finite & ~nonzero).sum())) if n}
+    usable, skipped = cache.searchable_rows(column_matrix(table, "emb"))
     if skipped:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         Path(log_dir, f"{role}-{uuid.uuid4().hex}.json").write_text(json.dumps(skipped))
