@@ -1,5 +1,5 @@
 # make demo: create the environment, install, run the main job on the demo world.
-# make test: create the environment, install, run the tests.
+# make test: create the environment, install, lint (ruff), run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/xbt run --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 clean:

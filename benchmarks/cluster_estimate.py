@@ -34,7 +34,17 @@ from pathlib import Path
 import torch
 from torch.utils import flop_counter
 
-from benchmarks import bench
+from benchmarks.measure import (
+    RESULTS,
+    WORK,
+    device_info,
+    encoder_rates,
+    random_model,
+    stage1_rate,
+    stage2_rate,
+    timed,
+    train_step_fn,
+)
 from benchmarks.presets import PRESETS
 from xbt_ray.config import ModelConfig, ProjectorConfig, load_config
 from xbt_ray.models import clip
@@ -160,7 +170,7 @@ def count_flops(fn) -> int:
 def matmul_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
-    best = min(bench.timed(lambda: torch.mm(a, b), device)[0] for _ in range(repeats))
+    best = min(timed(lambda: torch.mm(a, b), device)[0] for _ in range(repeats))
     return 2 * n ** 3 / best / 1e9
 
 
@@ -168,14 +178,14 @@ def measure(config, preset, device: str, work: Path, encoder_precision: str) -> 
     """Rates and FLOPs per item of every RATES key on this device, and the matmul rate. On a
     GPU the encoders run at `encoder_precision` (torch.autocast, as the embedding job runs
     them); on a CPU in fp32 (projected to the GPU's peak at that precision later)."""
-    old = bench.random_model(config.old.name, work)
-    new = bench.random_model(config.new.name, work)
+    old = random_model(config.old.name, work)
+    new = random_model(config.new.name, work)
     captions = ["a photo of a dog running on the grass next to a red ball"]
     matmul_before = matmul_gflops(device)
     with clip.encoder_autocast(encoder_precision if device == "cuda" else "fp32", device):
-        rates = bench.encoder_rates(preset, old, new, captions, device)
-    rates |= bench.stage2_rate(preset, old, new, captions, device)
-    rates["stage1_pairs_per_s"] = bench.stage1_rate(preset, old, new, device, config.projector)
+        rates = encoder_rates(preset, old, new, captions, device)
+    rates |= stage2_rate(preset, old, new, captions, device)
+    rates["stage1_pairs_per_s"] = stage1_rate(preset, old, new, device, config.projector)
     matmul = (matmul_before + matmul_gflops(device)) / 2
     flops = per_item_flops(old, new, config.projector, preset, device)
     measured = {}
@@ -200,11 +210,11 @@ def per_item_flops(old: ModelConfig, new: ModelConfig, proj: ProjectorConfig, pr
             flops[f"{which}_text"] = count_flops(lambda: model.encode_text(tokens))
     one_pair = dataclasses.replace(preset, stage2_batch=2, stage2_window=1, repeats=1)
     flops["stage2"] = count_flops(
-        lambda: bench.stage2_rate(one_pair, old, new, ["a photo"], device)) // (2 * 2)
+        lambda: stage2_rate(one_pair, old, new, ["a photo"], device)) // (2 * 2)
     psi = Projector(clip.embed_dim(new.name), clip.embed_dim(old.name), proj.depth,
                     proj.width).to(device)
     batch = preset.train_batch  # as timed: the B x B logits grow with the batch
-    flops["stage1"] = count_flops(bench.train_step_fn(psi, batch, device, pool=2 * batch)) // batch
+    flops["stage1"] = count_flops(train_step_fn(psi, batch, device, pool=2 * batch)) // batch
     return flops
 
 
@@ -277,9 +287,9 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default=ENCODER_PRECISION, choices=("bf16", "fp16", "fp32"),
                    help="precision of every encoder pass on the cluster: XBT's embedding jobs "
                    "and the full backfill alike")
-    p.add_argument("--out", default=str(bench.RESULTS))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--doc", default=str(DOC), help="markdown file whose marked table to rewrite")
-    p.add_argument("--work", default=str(bench.WORK), help="where the random-weight models go")
+    p.add_argument("--work", default=str(WORK), help="where the random-weight models go")
     args = p.parse_args(argv)
     config = load_config(args.config)
     on_gpu = torch.cuda.is_available()
@@ -297,7 +307,7 @@ def main(argv=None) -> dict:
         "name": torch.cuda.get_device_name(0), "fp32": None, "bf16": None, "fp16": None}
     precision = precisions(config, args.precision)
     here = {k: m["items_per_s"] for k, m in got["rates"].items()}
-    res = {"started": started, "device": bench.device_info(device, cores), "on_gpu": on_gpu,
+    res = {"started": started, "device": device_info(device, cores), "on_gpu": on_gpu,
            "config": args.config, "models": {"old": config.old.name, "new": config.new.name},
            "gpu": gpu, "precisions": precision, "matmul_gflops": got["matmul_gflops"],
            "measured": got["rates"],

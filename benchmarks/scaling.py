@@ -44,7 +44,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.local_ray import free_port, stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -168,22 +169,16 @@ def byo_caches(work: Path, rows_per_part: int, n_parts: int, size_rows: list[int
 # -----------------------------------------------------------------------------
 # one local Ray head for the whole part, and a monitor of its object store
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalHead:
     """`ray start --head` on 127.0.0.1 in a temp dir of its own, token auth with a fresh token,
     stopped by terminating exactly the processes whose command line names that temp dir (never
     `ray stop`, which would stop every Ray on the machine). Same recipe as
-    tests/local_cluster.py."""
+    tests/local_cluster.py; the ports and the stop are shared with it (benchmarks/local_ray.py)."""
 
     def __init__(self, num_cpus: int, object_store_bytes: int):
         self.num_cpus, self.object_store_bytes = num_cpus, object_store_bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="xs", dir="/tmp"))  # short: socket paths
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.env = dict(os.environ) | {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
                      "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_TRAIN_V2_ENABLED": "1",
                      "RAY_USAGE_STATS_ENABLED": "0",
@@ -198,10 +193,10 @@ class LocalHead:
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                # every port chosen here: another Ray on the machine holds the default ones
                # (even with the dashboard off, a minimal dashboard head binds its port)
-               f"--dashboard-port={_free_port()}",
-               f"--dashboard-agent-listen-port={_free_port()}",
-               f"--dashboard-agent-grpc-port={_free_port()}",
-               f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+               f"--dashboard-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180,
                               check=False)
         if done.returncode != 0:
@@ -210,28 +205,7 @@ class LocalHead:
         return self
 
     def stop(self, timeout: float = 10) -> None:
-        import psutil
-
-        marker = str(self.temp_dir)
-        procs = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if p.pid != os.getpid() and any(marker in a for a in p.info["cmdline"] or ()):
-                    procs.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        stop_head(self.temp_dir, timeout)
 
 
 def monitor(address: str, out: str, interval: float) -> None:
@@ -327,8 +301,13 @@ def child(spec_path: str) -> None:
     import ray
     import ray.data
 
-    from xbt_ray.config import (EmbedConfig, ModelConfig, ProjectorConfig, Stage1Config,
-                                TrainerConfig)
+    from xbt_ray.config import (
+        EmbedConfig,
+        ModelConfig,
+        ProjectorConfig,
+        Stage1Config,
+        TrainerConfig,
+    )
 
     spec = json.loads(Path(spec_path).read_text())
 

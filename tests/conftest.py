@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from local_cluster import auth_env, start_cluster, stop_cluster
 
 auth_env()  # before any test module imports ray
@@ -56,8 +55,8 @@ def mlflow_uri(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(mlflow_uri, tmp_path_factory):
-    """The whole chain once on configs/tiny.yaml, as a user runs it: `xbt run` in a process of
-    its own, which starts (and ends) its own local Ray. Returns (config, report)."""
+    """The whole chain once on xbt_ray/configs/tiny.yaml, as a user runs it: `xbt run` in a
+    process of its own, which starts (and ends) its own local Ray. Returns (config, report)."""
     work = tmp_path_factory.mktemp("chain")
     overrides = [f"cache_dir={work / 'cache'}", f"output_dir={work / 'runs'}", "run_name=tiny",
                  f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=test-chain"]
@@ -65,9 +64,9 @@ def tiny_run(mlflow_uri, tmp_path_factory):
     log = work / "xbt-run.log"
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "-m", "xbt_ray.cli", "run", "--config",
-                               str(ROOT / "configs" / "tiny.yaml"), *overrides],
+                               str(ROOT / "xbt_ray" / "configs" / "tiny.yaml"), *overrides],
                               env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
     if done.returncode != 0:
         raise RuntimeError(f"xbt run failed ({done.returncode}):\n{log.read_text()[-4000:]}")
-    config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    config = load_config(ROOT / "xbt_ray" / "configs" / "tiny.yaml", overrides)
     return config, json.loads((config.run_dir / "report.json").read_text())

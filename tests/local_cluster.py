@@ -4,19 +4,23 @@ processes only (never `ray stop`, which would stop every Ray on the machine).
 Every process of the cluster (raylet, GCS, dashboard, workers) inherits RAY_ADDRESS, so Ray's own
 state-API lookups inside workers (Ray Train V2's placement-group cleaner) find THIS cluster even
 when another Ray runs on the same machine.
+
+The ports and the stop are shared with benchmarks/scaling.py's head (benchmarks/local_ray.py).
 """
 from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: a top-level folder
+
+from benchmarks.local_ray import free_port, stop_head  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -27,12 +31,6 @@ def auth_env() -> dict:
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     return {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -66,26 +64,5 @@ def start_cluster(num_cpus: int = 2) -> LocalCluster:
 
 def stop_cluster(cluster: LocalCluster, timeout: float = 10) -> None:
     """Terminate (then kill) exactly the processes of this cluster."""
-    import psutil
-
-    marker = str(cluster.temp_dir)
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(marker in part for part in p.info["cmdline"] or ()):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    stop_head(cluster.temp_dir, timeout)
     time.sleep(1)

@@ -26,7 +26,7 @@ def test_micro_benchmark_writes_the_schema(tmp_path):
                 "xbt_over_backfill_1b"):
         assert isinstance(res[key], float) and res[key] > 0, key
     # the Ray parts are reported as skipped, not guessed
-    assert res["pipeline_efficiency"] is None and res["encoder_runs_per_sweep"] is None
+    assert res["pipeline_efficiency"] is None and res["sweep_time_ratio"] is None
     assert set(res["skipped"]) == {"pipeline", "train.ray_train", "sweep", "scaling"}
     assert res["pipeline"]["bare_images_per_s"] > 0
 
@@ -167,7 +167,8 @@ def test_every_encoder_pass_at_one_precision():
 def test_cluster_estimate_runs_on_the_tiny_models(tmp_path):
     doc = tmp_path / "guide.md"
     doc.write_text(f"before\n{ce.BEGIN}\nold table\n{ce.END}\nafter\n")
-    res = ce.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path),
+    tiny = ROOT / "xbt_ray" / "configs" / "tiny.yaml"
+    res = ce.main(["--config", str(tiny), "--out", str(tmp_path),
                    "--doc", str(doc), "--work", str(tmp_path / "work")])
     assert res["on_gpu"] is False
     for key, m in res["measured"].items():
@@ -175,7 +176,7 @@ def test_cluster_estimate_runs_on_the_tiny_models(tmp_path):
     assert res["measured"]["stage2"]["flops_per_item"] > res["measured"]["new_image"][
         "flops_per_item"]                            # forward + backward through the tower
     est = res["estimate"]
-    assert len(est["rows"]) == len(ce.workload(ce.load_config(ROOT / "configs" / "tiny.yaml"))) + 1
+    assert len(est["rows"]) == len(ce.workload(ce.load_config(tiny))) + 1
     assert est["total_gpu_hours"] > 0
     text = doc.read_text()
     assert "old table" not in text and text.startswith("before\n") and text.endswith("after\n")

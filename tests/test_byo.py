@@ -102,7 +102,7 @@ def test_variable_length_wrong_length_refused(tmp_path):
 
 
 def test_ray_tensor_column(tmp_path):
-    from ray.data.extensions import ArrowTensorArray   # does not start Ray
+    from ray.data.extensions import ArrowTensorArray  # does not start Ray
 
     emb = _vectors(9, seed=2).astype(np.float32)
     tensor = ArrowTensorArray.from_numpy(emb)

@@ -221,7 +221,10 @@ def test_repo_demo_yaml_loads():
 
 
 def test_repo_tiny_yaml_loads():
-    config = load_config(ROOT / "configs" / "tiny.yaml")
+    """tiny.yaml is package data: `xbt run --smoke` reads it through importlib.resources."""
+    from xbt_ray.cli import SMOKE_CONFIG
+
+    config = load_config(SMOKE_CONFIG)
     assert config.world.n_train_images == 100 and config.world.broken_fraction == 0.03
     assert config.old.name == "xbt-test-old" and config.new.name == "xbt-test-new"
     assert config.old.pretrained == ""

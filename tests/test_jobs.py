@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 from local_cluster import RAY, start_cluster, stop_cluster
 

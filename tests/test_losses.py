@@ -64,7 +64,8 @@ def test_cosine_loss_values():
     assert cosine_loss(x, torch.tensor([[0.0, 3.0]])).item() == pytest.approx(1.0)  # orthogonal
     assert cosine_loss(x, torch.tensor([[5.0, 0.0]])).item() == pytest.approx(0.0)  # identical
     assert cosine_loss(x, torch.tensor([[-2.0, 0.0]])).item() == pytest.approx(2.0)  # opposite
-    batch = cosine_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
+    batch = cosine_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+                        torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
     assert batch.item() == pytest.approx(1.5)
 
 
@@ -75,7 +76,8 @@ def test_stage1_loss_is_sum_of_parts():
     total, parts = stage1_loss(p, b, temperature=0.07, cosine_weight=0.5)
     assert parts["info_nce"].item() == pytest.approx(info_nce(p, b, 0.07).item(), abs=1e-6)
     assert parts["cosine"].item() == pytest.approx(cosine_loss(p, b).item(), abs=1e-6)
-    assert total.item() == pytest.approx(parts["info_nce"].item() + 0.5 * parts["cosine"].item(), abs=1e-6)
+    assert total.item() == pytest.approx(
+        parts["info_nce"].item() + 0.5 * parts["cosine"].item(), abs=1e-6)
     total.backward()
     assert p.grad is not None and torch.isfinite(p.grad).all()
 

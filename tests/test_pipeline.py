@@ -144,7 +144,7 @@ def test_smoke_chain_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlflow_
                  "tracking.experiment=test-laion"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-m", "xbt_ray.cli", "run", "--config",
-                           str(ROOT / "configs" / "tiny.yaml"), *overrides], env=env,
+                           str(ROOT / "xbt_ray" / "configs" / "tiny.yaml"), *overrides], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "laion" / "report.json").read_text())

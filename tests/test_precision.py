@@ -54,7 +54,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_encoder_at_bf16_close_to_fp32(tmp_path):
     torch.manual_seed(0)
     model, _ = clip.load_clip(ModelConfig(name=NAME))
-    weights = ModelConfig(name=NAME, pretrained=str(clip.save_clip(model, tmp_path / "m.safetensors")))
+    weights = ModelConfig(name=NAME,
+                          pretrained=str(clip.save_clip(model, tmp_path / "m.safetensors")))
     rng = np.random.default_rng(0)
     n = 16
     skip = np.array([""] * (n - 1) + ["undecodable_image"], dtype=object)
@@ -97,6 +98,6 @@ def test_precision_section_by_hand():
 
 
 def test_demo_checks_precision_and_tiny_does_not():
-    root = Path(__file__).resolve().parents[1] / "configs"
-    assert load_config(root / "demo.yaml").eval.precision_check is True
-    assert load_config(root / "tiny.yaml").eval.precision_check is False
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "configs" / "demo.yaml").eval.precision_check is True
+    assert load_config(root / "xbt_ray" / "configs" / "tiny.yaml").eval.precision_check is False

@@ -44,8 +44,10 @@ def test_init_linear_copies_weight():
 def test_procrustes_recovers_semi_orthogonal_map():
     g = torch.Generator().manual_seed(0)
     d_in, d_out = 8, 5
-    q = torch.linalg.qr(torch.randn(d_in, d_out, generator=g)).Q.T  # (d_out, d_in), orthonormal rows
-    # whitened inputs (a^T a = n I): for rectangular maps the SVD solution is then the exact minimiser
+    # (d_out, d_in), orthonormal rows
+    q = torch.linalg.qr(torch.randn(d_in, d_out, generator=g)).Q.T
+    # whitened inputs (a^T a = n I): for rectangular maps the SVD solution is then the exact
+    # minimiser
     n = 200
     a = torch.linalg.qr(torch.randn(n, d_in, generator=g)).Q * n ** 0.5
     b = a @ q.T

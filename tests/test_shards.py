@@ -312,7 +312,7 @@ def test_dataset_fingerprint_tracks_size(tmp_path):
     assert shards.dataset_fingerprint(files) == fp
 
 
-# ---------------------------------------------------------------- decode_image: extreme aspect ratios
+# ------------------------------------------------------------ decode_image: extreme aspect ratios
 
 
 def _reference_resize_crop(image: Image.Image, size: int) -> np.ndarray:

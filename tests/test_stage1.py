@@ -1,11 +1,14 @@
 """Stage 1 on a cache a user brings (no encoder): Ray Train + DeepSpeed fits psi."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from xbt_ray.config import ProjectorConfig, Stage1Config, TrainerConfig
 from xbt_ray.data import cache
-from xbt_ray.train.stage1 import load_projector, project, train_stage1
+from xbt_ray.train.stage1 import PROJECTOR_WEIGHTS, load_projector, project, train_stage1
 
 
 def _unit(x):
@@ -29,13 +32,21 @@ def user_caches(tmp_path_factory):
     return dirs
 
 
+PROJECTOR = ProjectorConfig(depth=1, width=32, procrustes_init=True)
+RECIPE = Stage1Config(epochs=4, batch_size=128, lr=3e-3, noise_sigma=0.05)
+
+
+def _fit(caches, out: Path, run_name: str, zero_stage: int = 1, log_every_steps: int = 50):
+    trainer = TrainerConfig(num_workers=2, cpus_per_worker=0.5, zero_stage=zero_stage,
+                            log_every_steps=log_every_steps)
+    return train_stage1(caches["new"], caches["old"], PROJECTOR, RECIPE, trainer,
+                        run_name=run_name, storage_path=out / "ray", out_dir=out / "stage1",
+                        seed=0)
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_stage1_fits_projector_from_user_cache(ray_session, user_caches, tmp_path, zero_stage):
-    out = train_stage1(user_caches["new"], user_caches["old"], ProjectorConfig(depth=1, width=32, procrustes_init=True),
-                       Stage1Config(epochs=4, batch_size=128, lr=3e-3, noise_sigma=0.05),
-                       TrainerConfig(num_workers=2, cpus_per_worker=0.5, zero_stage=zero_stage),
-                       run_name=f"byo-z{zero_stage}", storage_path=tmp_path / "ray",
-                       out_dir=tmp_path / "stage1", seed=0)
+    out = _fit(user_caches, tmp_path, f"byo-z{zero_stage}", zero_stage)
     new, old = (cache.read_embeddings(user_caches[k]) for k in ("new", "old"))
     psi = load_projector(out)
     assert (psi.d_in, psi.d_out, psi.depth) == (24, 16, 1)
@@ -47,3 +58,31 @@ def test_stage1_fits_projector_from_user_cache(ray_session, user_caches, tmp_pat
     # text->text retrieval through psi finds the right old caption for most queries
     top1 = (mapped @ old.emb.T).argmax(1)
     assert (top1 == np.arange(1024)).mean() > 0.5
+
+
+def test_a_rerun_with_the_same_seed_trains_the_same_projector_and_logs_to_mlflow(
+        ray_session, user_caches, tmp_path, mlflow_uri):
+    """Same caches, seed and layout, two runs: bit-identical psi (seeded init, noise, file
+    order, local shuffle buffer; blocks in a fixed order). The second runs inside an open
+    MLflow run, which receives rank 0's progress every 2 steps and each epoch's metrics."""
+    import mlflow
+
+    first = load_file(str(_fit(user_caches, tmp_path / "a", "byo-seed-a") / PROJECTOR_WEIGHTS))
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("test-stage1-progress")
+    with mlflow.start_run() as run:
+        second = load_file(str(_fit(user_caches, tmp_path / "b", "byo-seed-b",
+                                    log_every_steps=2) / PROJECTOR_WEIGHTS))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    client = mlflow.MlflowClient(mlflow_uri)
+    epochs = client.get_metric_history(run.info.run_id, "train.byo-seed-b.loss")
+    assert [m.step for m in epochs] == list(range(RECIPE.epochs))
+    steps_per_epoch = 1024 // RECIPE.batch_size
+    progress = client.get_metric_history(run.info.run_id, "train.byo-seed-b.step.loss")
+    assert [m.step for m in progress] == list(range(2, RECIPE.epochs * steps_per_epoch + 1, 2))
+    for name in ("info_nce", "cosine", "steps"):
+        assert client.get_metric_history(run.info.run_id, f"train.byo-seed-b.{name}")
+    rates = client.get_metric_history(run.info.run_id, "train.byo-seed-b.step.rows_per_s")
+    assert rates and all(m.value > 0 for m in rates)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from xbt_ray.cli import main
-from xbt_ray.config import ConfigError
+from xbt_ray.config import ConfigError, EvalConfig
 from xbt_ray.data.cache import make_meta, write_embeddings
 from xbt_ray.eval.report import format_table
 from xbt_ray.eval.suite import evaluate, load_inputs, write_manifest
-from xbt_ray.config import EvalConfig
 
 N_IMG, CAPS, D_OLD, D_NEW = 40, 3, 8, 12
 

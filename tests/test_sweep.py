@@ -311,6 +311,7 @@ def test_compare_lines_up_runs_from_report_artifacts_and_from_metrics(tiny_run, 
 
     from xbt_ray import tracking
     from xbt_ray.cli import main
+    from xbt_ray.compare import compare_runs
 
     _, report = tiny_run
     # a run with the table in its metrics only (no report.json artifact)
@@ -329,7 +330,7 @@ def test_compare_lines_up_runs_from_report_artifacts_and_from_metrics(tiny_run, 
     assert len(lines) == 3  # one per run, side by side
     assert any(line.startswith("| xbt-anchored->old ") for line in out.splitlines())
 
-    tables = sweep.compare_runs(["tiny", metrics_only], mlflow_uri)
+    tables = compare_runs(["tiny", metrics_only], mlflow_uri)
     assert [t["source"] for t in tables] == ["report.json", "metrics"]
     from_report = {r["method"]: r for r in tables[0]["rows"]}
     from_metrics = {r["method"]: r for r in tables[1]["rows"]}

@@ -202,7 +202,8 @@ def test_demo_eval_split_is_prepared_by_the_karpathy_loader(built, tmp_path):
     assert (doc["images"], doc["captions"]) == (10, 50)
     assert doc["skipped"] == {"images": {}, "captions": {}}
     assert doc["source"]["format"] == "karpathy"
-    images, captions = _read(split / "images"), pq.read_table(split / "captions.parquet").to_pylist()
+    images = _read(split / "images")
+    captions = pq.read_table(split / "captions.parquet").to_pylist()
     heldout = json.loads((out / "eval" / "dataset_demo.json").read_text())["images"]
     assert [r["key"] for r in images] == [f"demo-{im['imgid']}" for im in heldout]
     for r, im in zip(images, heldout):

@@ -4,33 +4,44 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import resources
 from pathlib import Path
 
+from xbt_ray import console
 from xbt_ray.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE_CONFIG = ROOT / "configs" / "tiny.yaml"
+# package data (pyproject.toml), so `--smoke` works from an installed wheel and the image too
+SMOKE_CONFIG = resources.files("xbt_ray") / "configs" / "tiny.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbt", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="Ray, Ray Data, DeepSpeed and torch output on the console too "
+                             "(always kept in runs/<run>/logs/)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "the whole chain: world/models, embed, stage 1, stage 2, evaluate"),
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    for name, help_text in (("run", "the whole chain: world/models, embed, stage 1, stage 2, "
+                                    "evaluate"),
                             ("world", "build the demo world's shards (cached by recipe)"),
                             ("embed", "embed caption corpus and eval split (old and new)"),
                             ("stage1", "embed (reused) + fit the projector on text"),
                             ("stage2", "stage 1 (reused) + LoRA stage 2 + export the encoder")):
-        p = sub.add_parser(name, help=help_text)
+        p = command(name, help=help_text)
         p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
         p.add_argument("--run-name", help="name of the run (output dir, MLflow run)")
         p.add_argument("--embeddings", help="bring your own embeddings: a manifest (YAML) of "
                                             "exports per role; no shards, no encoder "
                                             "(sets data.embeddings)")
         p.add_argument("--smoke", action="store_true",
-                       help=f"a minutes-long check of the whole path on the tiny world and "
-                            f"models ({SMOKE_CONFIG.relative_to(ROOT)}) instead of --config")
+                       help="a minutes-long check of the whole path on the tiny world and "
+                            "models (xbt_ray/configs/tiny.yaml) instead of --config")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p = sub.add_parser("report", help="the evaluation suite from embeddings alone: report "
+    p = command("report", help="the evaluation suite from embeddings alone: report "
                                       "table, CSV, heatmap and backfill curves, logged to MLflow")
     p.add_argument("--embeddings", help="a manifest (YAML) of embedding exports per role: "
                                         "evaluate them (and the run's finished stages) with "
@@ -43,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (eval.*, tracking.*)")
     p.add_argument("--run-name", help="name of the MLflow run and default output dir")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p = sub.add_parser("eval-data", help="convert Flickr30k/COCO (Karpathy JSON), NoCaps or a "
+    p = command("eval-data", help="convert Flickr30k/COCO (Karpathy JSON), NoCaps or a "
                                          "manifest into an evaluation split (data.eval)")
     p.add_argument("--format", required=True, choices=["karpathy", "nocaps", "manifest"])
     p.add_argument("--annotations", required=True, help="annotation JSON or manifest file")
@@ -51,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", required=True, help="large-scale | standard | all (manifest)")
     p.add_argument("--out", required=True, help="split directory to write")
     p.add_argument("--dataset", help="dataset name (default: from the annotation file)")
-    p = sub.add_parser("encode", help="embed images or texts into the OLD space with an "
+    p = command("encode", help="embed images or texts into the OLD space with an "
                                       "exported query encoder")
     p.add_argument("--encoder", required=True, help="query_encoder.safetensors from stage 2")
     p.add_argument("--modality", required=True, choices=["image", "text"])
@@ -59,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache root the embeddings are written under")
     p.add_argument("--config", help="YAML config (embed.* settings, ray_address)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p = sub.add_parser("sweep", help="Ray Tune sweep (ASHA) of stage 1 + psi-only stage 2 on "
+    p = command("sweep", help="Ray Tune sweep (ASHA) of stage 1 + psi-only stage 2 on "
                                      "the embedding cache; leaderboard and best config")
     p.add_argument("--config", help="YAML config (default: built-in demo defaults)")
     p.add_argument("--space", required=True, help="search space YAML, e.g. tune/space.yaml")
@@ -69,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="a manifest (YAML) of embedding exports per role "
                                         "(sets data.embeddings): no shards, no encoder")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p = sub.add_parser("compare", help="the compatibility tables of MLflow runs side by side")
+    p = command("compare", help="the compatibility tables of MLflow runs side by side")
     p.add_argument("runs", nargs="+", help="MLflow run names or ids")
     p.add_argument("--experiment", help="experiment to look run names up in (default: all)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's "
@@ -126,7 +137,7 @@ def eval_data(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.setup(args.verbose)
     try:
         if args.command == "eval-data":
             eval_data(args)
@@ -141,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "embeddings", None):
             overrides.append(f"data.embeddings={Path(args.embeddings).absolute()}")
         config = load_config(config_path, overrides)
+        if args.command not in ("compare", "encode"):
+            log_dir = console.log_to(Path(args.out) if getattr(args, "out", None)
+                                     else config.run_dir)
+            logging.getLogger(__name__).info(
+                "xbt %s: logs in %s (training progress: tail -f %s)", args.command, log_dir,
+                log_dir / "train.log")
         if args.command in ("run", "embed", "stage1", "stage2"):
             from xbt_ray.pipeline import run_pipeline
 
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(config, args.space, args.num_samples)
         elif args.command == "compare":
             from xbt_ray import tracking
-            from xbt_ray.sweep import compare_runs, format_comparison
+            from xbt_ray.compare import compare_runs, format_comparison
 
             print(format_comparison(compare_runs(
                 args.runs, args.tracking_uri or tracking.tracking_uri(config), args.experiment)))

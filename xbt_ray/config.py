@@ -109,6 +109,13 @@ class TrainerConfig:
     # per batch (fresher negatives) at the cost of worker memory (rows x row bytes) and a slower
     # first batch; there is no global all-to-all shuffle (see xbt_ray/data/paired.py)
     shuffle_buffer_rows: int = 8192
+    # Rank 0 logs step / total, loss and its parts, lr, rows/s and ETA every this many optimizer
+    # steps, and sends them to the run's MLflow run (0: epoch ends only)
+    log_every_steps: int = 50
+    # Training streams deliver blocks in a fixed order (Ray Data's `preserve_order`), so a rerun
+    # with the same seed sees the same batches; false lets a fast block overtake a slow one
+    # (more throughput when reads or decodes vary in time, batches no longer reproducible)
+    preserve_order: bool = True
 
 
 @dataclass
@@ -133,7 +140,8 @@ class LoraConfig:
     # Not the packed q/k/v `attn.in_proj_weight`: peft adapts nn.MultiheadAttention by merging
     # the adapter into the base weight for every forward and unmerging after, which leaves
     # rounding drift in the "frozen" base (caught by the checksum test).
-    image_targets: str = r"visual\.transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
+    image_targets: str = (r"visual\.transformer\.resblocks\.\d+\."
+                          r"(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)")
     text_targets: str = r"transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
     text_tower: bool = False  # ablation: LoRA on both towers
 
@@ -250,6 +258,7 @@ class Config:
             (self.trainer.num_workers >= 1, "trainer.num_workers must be >= 1"),
             (self.trainer.grad_clip >= 0, "trainer.grad_clip must be >= 0 (0 = off)"),
             (self.trainer.shuffle_buffer_rows >= 0, "trainer.shuffle_buffer_rows must be >= 0"),
+            (self.trainer.log_every_steps >= 0, "trainer.log_every_steps must be >= 0"),
             (self.projector.depth >= 0, "projector.depth must be >= 0"),
             (self.stage1.noise_sigma >= 0, "stage1.noise_sigma must be >= 0"),
             (self.stage1.temperature > 0, "stage1.temperature must be > 0"),
@@ -388,7 +397,8 @@ def read_yaml(path: str | os.PathLike, what: str):
         raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None,
+                overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides; validated. Raises ConfigError with one line."""
     config = Config()
     if path:

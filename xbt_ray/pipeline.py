@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from xbt_ray import tracking
 from xbt_ray.config import Config, ConfigError, ModelConfig, Stage2Config, save_config
 from xbt_ray.data import cache, embed, shards
+from xbt_ray.eval import methods
 from xbt_ray.models import clip
 
 log = logging.getLogger(__name__)
@@ -39,26 +41,33 @@ class Sources:
 
 
 def init_ray(config: Config) -> None:
-    """Connect to `ray_address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    """Connect to `ray_address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1. Ray's
+    console output is routed by `xbt_ray.console`; Ray Data's progress bars are on when stderr
+    is a terminal."""
     import ray
+
+    from xbt_ray import console
 
     if ray.is_initialized():
         return
+    console.quiet_ray()
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
         # the dashboard's state API is what Ray Train V2 uses to clean up finished runs
         ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    console.quiet_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 @contextmanager
 def timed(timings: dict, step: str):
     start = time.perf_counter()
+    log.info("step %s ...", step)
     yield
     timings[step] = round(time.perf_counter() - start, 1)
-    log.info("step %s took %.1f s", step, timings[step])
+    log.info("step %s done in %.1f s", step, timings[step])
 
 
 def _recipe_hash(*parts) -> str:
@@ -86,9 +95,9 @@ def demo_model(config: Config, which: str, world_dir: Path) -> ModelConfig:
 
     model: ModelConfig = getattr(config, which)
     recipe = getattr(config, f"train_{which}")
-    digest = _recipe_hash(RECIPE_VERSION, world_dir.name, model.name, recipe, config.trainer.zero_stage,
-                          config.trainer.precision, config.trainer.num_workers,
-                          config.trainer.grad_clip, config.seed)
+    digest = _recipe_hash(RECIPE_VERSION, world_dir.name, model.name, recipe,
+                          config.trainer.zero_stage, config.trainer.precision,
+                          config.trainer.num_workers, config.trainer.grad_clip, config.seed)
     path = Path(config.cache_dir).absolute() / "models" / f"{model.name}-{digest}.safetensors"
     if not path.is_file():
         log.info("training the demo %s model %s -> %s", which, model.name, path)
@@ -224,12 +233,9 @@ def stage1_step(config: Config, embedded: dict, timings: dict) -> Path:
 def stage2_runs(config: Config) -> list[tuple[str, Stage2Config, str]]:
     """(config section, recipe, report method) of each stage 2 to run: `stage2`, plus
     `stage2_anchored` beside a faithful `stage2` when `compare_anchored` is on."""
-    def method(recipe):
-        return "xbt-anchored->old" if recipe.objective == "anchored" else "xbt->old"
-
-    runs = [("stage2", config.stage2, method(config.stage2))]
+    runs = [("stage2", config.stage2, methods.xbt(config.stage2.objective))]
     if config.compare_anchored and config.stage2.objective == "faithful":
-        runs.append(("stage2_anchored", config.stage2_anchored, "xbt-anchored->old"))
+        runs.append(("stage2_anchored", config.stage2_anchored, methods.XBT_ANCHORED))
     return runs
 
 
@@ -274,10 +280,10 @@ def old_forward_passes(embedded: dict) -> dict:
     n = {name: r.counts["rows_embedded"] for name, r in embedded.items()}
     text = n["old_text"]
     pairs = n.get("old_pair_images", 0) + n.get("old_pair_texts", 0)
-    costs = {"xbt-stage1->old": text, "xbt->old": text, "xbt-anchored->old": text + pairs,
-             "procrustes-text->old": text + n.get("old_pair_texts", 0),
-             "procrustes-image->old": n.get("old_pair_images", 0)}
-    for method in ("procrustes-both->old", "ridge->old", "slerp->old", "slerp-mid->old"):
+    costs = {methods.XBT_STAGE1: text, methods.XBT: text, methods.XBT_ANCHORED: text + pairs,
+             methods.procrustes("text"): text + n.get("old_pair_texts", 0),
+             methods.procrustes("image"): n.get("old_pair_images", 0)}
+    for method in (methods.procrustes("both"), methods.RIDGE, methods.SLERP, methods.SLERP_MID):
         costs[method] = text + pairs
     return {m: {"old_forward_passes": v} for m, v in costs.items()}
 
@@ -287,7 +293,7 @@ def evaluate_step(config: Config, sources: Sources, embedded: dict, stage1_dir: 
     """The evaluation suite on the held-out split. Each stage 2's queries come from its
     EXPORTED query encoder, run by the embedding job exactly as a user would serve it. Every
     input is recorded in run_dir/eval_inputs.json, so `xbt report` can recompute the report."""
-    from xbt_ray.eval.suite import load_inputs, evaluate, write_manifest
+    from xbt_ray.eval.suite import evaluate, load_inputs, write_manifest
 
     with timed(timings, "evaluate"):
         split = {role: embedded[f"{role.split('_')[0]}_eval_{role.split('_')[1]}"].directory

@@ -13,9 +13,9 @@ import functools
 import json
 import logging
 import math
+import uuid
 from collections import Counter
 from dataclasses import dataclass
-import uuid
 from pathlib import Path
 
 import numpy as np

@@ -157,7 +157,8 @@ def _parquet_columns(files: list[str], columns: list[str]) -> list[str]:
     for path, other in zip(files[1:], schemas[1:]):
         if other != first:
             diff = ([f"lacks {c}" for c in first if c not in other]
-                    + [f"has {c}, which {Path(files[0]).name} lacks" for c in other if c not in first]
+                    + [f"has {c}, which {Path(files[0]).name} lacks" for c in other
+                       if c not in first]
                     + [f"{c} is {other[c]}, not {first[c]}"
                        for c in first if c in other and other[c] != first[c]])
             raise ConfigError(f"shard {path} has a different schema than {Path(files[0]).name}: "
@@ -274,7 +275,7 @@ def decode_image(data, size: int) -> tuple[np.ndarray | None, str]:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 return None, "image_too_large"
             img.load()
-            from PIL import ImageOps   # EXIF Orientation: the pixels as a viewer shows them
+            from PIL import ImageOps  # EXIF Orientation: the pixels as a viewer shows them
             ImageOps.exif_transpose(img, in_place=True)
             if img.mode.startswith("I"):   # 16-bit greyscale: PIL's convert would clip, not scale
                 img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))

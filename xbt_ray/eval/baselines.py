@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from xbt_ray.config import ConfigError
 from xbt_ray.data.cache import Embeddings, as_ids
 from xbt_ray.data.join import join, same_items
+from xbt_ray.eval import methods
 from xbt_ray.eval.retrieval import evaluate_directions, unit_rows
 from xbt_ray.models.projector import procrustes
 
@@ -119,9 +121,10 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
                          np.concatenate([cap_old[fit_cap], img_old[fit_img]]))}
         held = (as_ids(old_imgs.keys[held_images]), img_old[held_images], img_new[held_images],
                 as_ids(old_caps.image_ids[held_caps]), cap_old[held_caps], cap_new[held_caps])
-    for name, (new, old) in maps.items():
+    for name, (new, old) in tqdm(maps.items(), desc="baselines: Procrustes", unit="fit",
+                                 disable=None):
         w = procrustes_map(new, old)
-        out[f"procrustes-{name}->old"] = BaselineQueries(
+        out[methods.procrustes(name)] = BaselineQueries(
             unit_rows(split_new_images @ w), unit_rows(split_new_captions @ w), False,
             {"support": name, "n_support": len(new), "joins": joins})
     if "both" not in maps:
@@ -134,20 +137,21 @@ def fit_baselines(support: Support, split_old_images: np.ndarray, split_new_imag
         return (cell["i2t"]["R1"] + cell["t2i"]["R1"]) / 2
 
     new, old = maps["both"]
-    ridges = {lam: ridge_map(new, old, lam) for lam in LAMBDAS}
+    ridges = {lam: ridge_map(new, old, lam)
+              for lam in tqdm(LAMBDAS, desc="baselines: ridge", unit="lambda", disable=None)}
     scores = {lam: heldout_r1(h_new_img @ w, h_new_cap @ w) for lam, w in ridges.items()}
     lam = max(scores, key=scores.get)
     w = ridges[lam]
-    out["ridge->old"] = BaselineQueries(unit_rows(split_new_images @ w),
-                                        unit_rows(split_new_captions @ w), False,
-                                        {"support": "both", "n_support": len(new),
-                                         "lambda": lam, "heldout_r1": scores[lam],
-                                         "joins": joins})
+    out[methods.RIDGE] = BaselineQueries(unit_rows(split_new_images @ w),
+                                         unit_rows(split_new_captions @ w), False,
+                                         {"support": "both", "n_support": len(new),
+                                          "lambda": lam, "heldout_r1": scores[lam],
+                                          "joins": joins})
     w = procrustes_map(new, old)
     scores = {a: heldout_r1(slerp(h_old_img, h_new_img @ w, a), slerp(h_old_cap, h_new_cap @ w, a))
               for a in ALPHAS}
     alpha = max(scores, key=scores.get)
-    for name, a in (("slerp->old", alpha), ("slerp-mid->old", 0.5)):
+    for name, a in ((methods.SLERP, alpha), (methods.SLERP_MID, 0.5)):
         out[name] = BaselineQueries(
             slerp(split_old_images, split_new_images @ w, a),
             slerp(split_old_captions, split_new_captions @ w, a), True,

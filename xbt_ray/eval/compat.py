@@ -11,10 +11,12 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from xbt_ray.config import ConfigError, EvalConfig
 from xbt_ray.data.cache import Embeddings, as_ids
 from xbt_ray.data.join import join, same_items
+from xbt_ray.eval import methods
 from xbt_ray.eval.backfill import backfill_report
 from xbt_ray.eval.baselines import Support, fit_baselines
 from xbt_ray.eval.report import build_report, make_row
@@ -98,10 +100,11 @@ class EvalSplit:
         return table.emb[joined.right]
 
 
-def backfill_methods(methods) -> list[str]:
+def backfill_methods(candidates: list[str]) -> list[str]:
     """The methods that get a partial-backfill curve: XBT rows and one Procrustes row."""
-    chosen = [m for m in methods if m.startswith("xbt") and "stage1" not in m]
-    procrustes = [m for m in ("procrustes-both->old", "procrustes-text->old") if m in methods]
+    chosen = [m for m in candidates if m.startswith("xbt") and m != methods.XBT_STAGE1]
+    procrustes = [m for m in (methods.procrustes("both"), methods.procrustes("text"))
+                  if m in candidates]
     return chosen + procrustes[:1]
 
 
@@ -129,8 +132,8 @@ def compatibility_report(split: EvalSplit, queries: dict[str, tuple[np.ndarray, 
     old_old = cell_of(old_ranks, cfg.ks)
     new_new = cell_of(ranks_of(split.new_images.emb, split.new_captions.emb,
                                split.new_images.emb, split.new_captions.emb), cfg.ks)
-    rows = [make_row("old->old", "old", "old", True, old_old),
-            make_row("new->new", "new", "new", False, new_new)]
+    rows = [make_row(methods.OLD_OLD, "old", "old", True, old_old),
+            make_row(methods.NEW_NEW, "new", "new", False, new_new)]
     candidates = {m: (img_q, cap_q, False, None) for m, (img_q, cap_q) in queries.items()}
     support_joins = {}
     if support is not None and cfg.baselines:
@@ -139,7 +142,8 @@ def compatibility_report(split: EvalSplit, queries: dict[str, tuple[np.ndarray, 
         candidates |= {m: (b.image, b.caption, b.needs_old_encoder, b.fit)
                        for m, b in fitted.items()}
         support_joins = next(iter(fitted.values())).fit.get("joins", {})
-    for method, (img_q, cap_q, needs_old, fit) in candidates.items():
+    for method, (img_q, cap_q, needs_old, fit) in tqdm(candidates.items(), desc="evaluate",
+                                                        unit="method", disable=None):
         ranks = ranks_of(img_q, cap_q)
         row = make_row(method, method.split("->")[0], "old", needs_old, cell_of(ranks, cfg.ks),
                        old_old, new_new)
@@ -155,7 +159,8 @@ def compatibility_report(split: EvalSplit, queries: dict[str, tuple[np.ndarray, 
         report["data"]["joins"] |= {f"support:{k}": v for k, v in support_joins.items()}
     if cfg.backfill_points > 1:
         report["backfill"] = {}
-        for method in backfill_methods(list(candidates)):
+        for method in tqdm(backfill_methods(list(candidates)), desc="backfill curves",
+                           unit="method", disable=None):
             img_q, cap_q = candidates[method][:2]
             log.info("partial backfill curve for %s (%d points)", method, cfg.backfill_points)
             report["backfill"][method] = backfill_report(

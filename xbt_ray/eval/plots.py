@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xbt_ray.eval import methods
 from xbt_ray.eval.retrieval import DIRECTIONS
 
 
@@ -22,7 +23,7 @@ def compatibility_heatmap(report: dict, path: Path) -> None:
     with the recall and ✓/✗ for the strict criterion."""
     plt = _pyplot()
     rows = report["rows"]
-    old = next(r for r in rows if r["method"] == "old->old")
+    old = next(r for r in rows if r["method"] == methods.OLD_OLD)
     metrics = [(d, m) for d in DIRECTIONS for m in rows[0][d]]
     delta = np.array([[r[d][m] - old[d][m] for d, m in metrics] for r in rows])
     bound = max(1.0, float(np.abs(delta).max()))
@@ -36,7 +37,7 @@ def compatibility_heatmap(report: dict, path: Path) -> None:
             ax.text(j, i, f"{r[d][m]:.1f}{mark}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(metrics)), [f"{d.upper()} {m}" for d, m in metrics])
     ax.set_yticks(range(len(rows)), [r["method"] + (" *" if r["needs_old_encoder"]
-                                                    and r["method"] != "old->old" else "")
+                                                    and r["method"] != methods.OLD_OLD else "")
                                      for r in rows])
     ax.set_title(f"{report['dataset']}: recall minus old->old (* needs the old encoder)")
     fig.colorbar(image, ax=ax, label="points vs old->old")
@@ -55,7 +56,7 @@ def backfill_curves(report: dict, path: Path) -> None:
             for order, style in (("random", "-"), ("distance", "--")):
                 ax.plot(bf["fractions"], bf["r1"][d][order], style,
                         label=f"{method} ({order}, AUC {bf['auc'][d][order]:.1f})")
-        for ref in ("old->old", "new->new"):
+        for ref in methods.REFERENCES:
             if ref in rows:
                 ax.axhline(rows[ref][d]["R1"], color="grey", linestyle=":", linewidth=1)
                 ax.text(0.01, rows[ref][d]["R1"], ref, fontsize=7, va="bottom")

@@ -8,9 +8,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from xbt_ray.eval import methods
 from xbt_ray.eval.retrieval import DIRECTIONS, compatible, rsum, update_gain
 
-REFERENCE_METHODS = ("old->old", "new->new")
+REFERENCE_METHODS = methods.REFERENCES
 
 
 def make_row(method, query, gallery, needs_old_encoder, recalls, old_old=None,
@@ -126,7 +127,8 @@ def format_table(report) -> str:
     if published:
         out += ["", f"Published R@1 on {report['dataset']} ({report['protocol']}, "
                     f"old = CLIP ViT-B/32; from design/method.md):", ""]
-        out += markdown_table(["method", "new model", "I2T R1", "T2I R1", "needs old enc", "source"],
+        out += markdown_table(["method", "new model", "I2T R1", "T2I R1", "needs old enc",
+                               "source"],
                          [[p["method"], p["new_model"] or "-", p["i2t_R1"], p["t2i_R1"],
                            p["needs_old_encoder"], p["source"]] for p in published])
     return "\n".join(out)

@@ -22,6 +22,7 @@ import numpy as np
 
 from xbt_ray.config import ConfigError, EvalConfig
 from xbt_ray.data import cache
+from xbt_ray.eval import methods
 from xbt_ray.eval.baselines import Support
 from xbt_ray.eval.compat import EvalSplit, compatibility_report
 
@@ -122,7 +123,7 @@ def load_inputs(path: str | Path) -> EvalInputs:
         raise ConfigError(f"evaluation inputs {path} lack eval role {err}") from None
     queries = {}
     for name, roles in doc.get("queries", {}).items():
-        method = name if "->" in name else f"{name}->old"
+        method = methods.against_old(name)
         queries[method] = (split.rows_of(_read(roles["images"]), "image", method),
                            split.rows_of(_read(roles["captions"]), "caption", method))
     support = None

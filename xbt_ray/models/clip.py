@@ -30,7 +30,8 @@ def register_demo_configs() -> None:
 
 
 def is_project_config(name: str) -> bool:
-    """True for the tiny configs this project ships (trained on the demo world, never downloaded)."""
+    """True for the tiny configs this project ships (trained on the demo world, never
+    downloaded)."""
     return (CONFIG_DIR / f"{name}.json").is_file()
 
 
@@ -83,7 +84,8 @@ def pretrained_id(model: ModelConfig) -> str:
     """The pretrained tag, or `sha256:<hex>` of a local checkpoint file."""
     if model.pretrained and os.path.isfile(model.pretrained):
         st = os.stat(model.pretrained)
-        return "sha256:" + _file_sha256(os.path.abspath(model.pretrained), st.st_size, st.st_mtime_ns)
+        return "sha256:" + _file_sha256(os.path.abspath(model.pretrained), st.st_size,
+                                        st.st_mtime_ns)
     return model.pretrained or "random-init"
 
 

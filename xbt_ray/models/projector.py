@@ -6,7 +6,8 @@ from torch import nn
 
 
 class _ResidualBlock(nn.Module):
-    """x + fc2(gelu(fc1(layernorm(x)))), with fc2 zero-initialised so the block starts as identity."""
+    """x + fc2(gelu(fc1(layernorm(x)))), with fc2 zero-initialised so the block starts as
+    identity."""
 
     def __init__(self, dim: int, width: int):
         super().__init__()
@@ -47,7 +48,8 @@ class Projector(nn.Module):
     def init_linear(self, weight: torch.Tensor) -> None:
         """Copy a (d_out x d_in) matrix, e.g. from `procrustes`, into the linear path."""
         if weight.shape != self.linear.weight.shape:
-            raise ValueError(f"weight shape {tuple(weight.shape)} != {tuple(self.linear.weight.shape)}")
+            raise ValueError(f"weight shape {tuple(weight.shape)} != "
+                             f"{tuple(self.linear.weight.shape)}")
         self.linear.weight.copy_(weight)
 
 

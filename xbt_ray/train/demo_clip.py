@@ -1,6 +1,6 @@
 """Recipe: train a demo CLIP model from scratch on the demo world's image-text shards.
 
-open_clip model + open_clip's contrastive loss (global batch, gathered with gradient), run by
+open_clip model + CLIP's contrastive loss (global batch, gathered with gradient), run by
 Ray Train with a DeepSpeed engine. The demo world needs an "old" and a "new" model that differ
 in strength the way real CLIP generations do; `configs/demo.yaml` sets their recipes.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -17,53 +18,59 @@ from xbt_ray.config import ClipTrainConfig, ModelConfig, TrainerConfig
 from xbt_ray.data import shards
 from xbt_ray.models import clip
 from xbt_ray.train import distributed
+from xbt_ray.train.losses import contrastive_loss
 
 log = logging.getLogger(__name__)
 # Part of the cached demo models' recipe: bump it when this file changes how models train.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 
-def clip_loop(config: dict) -> None:
-    """Per-worker training loop."""
+@dataclass(frozen=True)
+class ClipJob:
+    """What every demo-CLIP worker gets (`clip_loop`)."""
+
+    trainer: TrainerConfig
+    recipe: ClipTrainConfig
+    seed: int
+    model_name: str   # a project-registered open_clip config (clip.register_demo_configs)
+    rows: int         # image-text rows per epoch (shard footers / tar headers)
+
+
+def clip_loop(job: ClipJob, reporting: distributed.Reporting) -> None:
+    """Per-worker training loop: CLIP's symmetric InfoNCE over the global batch with the
+    model's learned temperature (1 / logit_scale, clamped to <= 100 as in CLIP)."""
     import ray.train
 
-    trainer: TrainerConfig = config["trainer"]
-    recipe: ClipTrainConfig = config["recipe"]
-    rank, world = distributed.worker_setup(trainer, config["seed"])
+    trainer, recipe = job.trainer, job.recipe
+    rank, world = distributed.worker_setup(trainer, job.seed)
     clip.register_demo_configs()
-    model = open_clip.create_model(config["model_name"])
+    model = open_clip.create_model(job.model_name)
     start_epoch, done_steps = distributed.restore(model)
 
     micro = recipe.batch_size // world
-    steps_per_epoch = config["rows"] // recipe.batch_size
+    steps_per_epoch = job.rows // recipe.batch_size
     engine = distributed.make_engine(
         model, None, trainer, micro, recipe.lr, recipe.weight_decay,
         total_steps=steps_per_epoch * recipe.epochs, warmup_steps=recipe.warmup_steps,
         start_step=steps_per_epoch * start_epoch)
     dtype = distributed.engine_dtype(engine)
-    loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                 world_size=world)
     preprocess = model.visual.preprocess_cfg
     shard = ray.train.get_dataset_shard("train")
+    progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
+                                    recipe.batch_size)
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
-        total, steps = 0.0, 0
-        for batch in distributed.epoch_batches(shard, micro, trainer, config["seed"], epoch,
-                                               rank):
+        for batch in distributed.epoch_batches(shard, micro, trainer, job.seed, epoch, rank):
             images = clip.pixels_to_input(batch["pixels"].to(engine.device), preprocess)
             image_f, text_f, scale = engine(images.to(dtype), batch["tokens"].to(engine.device))
-            loss = loss_fn(image_f.float(), text_f.float(), scale.float())
-            distributed.check_finite(loss, epoch, steps)
+            loss = contrastive_loss(image_f.float(), text_f.float(), 1 / scale.float())
+            distributed.check_finite(loss, epoch, progress.steps)
             engine.backward(loss)
             engine.step()
             with torch.no_grad():
                 engine.module.logit_scale.clamp_(0, math.log(100))
-            total += loss.item()
-            steps += 1
-        metrics = {"epoch": epoch, "loss": total / max(1, steps), "steps": steps}
-        if rank == 0:
-            log.info("%s epoch %d: loss %.4f over %d steps", config["model_name"], epoch,
-                     metrics["loss"], steps)
+            progress.step(engine, loss=loss)
+        metrics = progress.end_epoch(epoch)
         distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch,
                                  "optimizer_steps": done_steps + engine.global_steps}, rank)
 
@@ -86,9 +93,9 @@ def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str
                          f"{recipe.batch_size}")
     result = distributed.fit(
         clip_loop,
-        {"trainer": trainer, "recipe": recipe, "seed": seed, "model_name": model.name,
-         "rows": rows_in},
-        trainer, run_name=run_name, storage_path=storage_path, datasets={"train": train_ds})
+        ClipJob(trainer=trainer, recipe=recipe, seed=seed, model_name=model.name, rows=rows_in),
+        trainer, run_name=run_name, storage_path=storage_path, datasets={"train": train_ds},
+        label=f"demo-clip-{model.name}")
     skipped = shards.skip_counts(skip_log)
     counts = {"rows_in": rows_in, "rows_used": rows_in - sum(skipped.values()),
               "skipped": skipped}

@@ -5,18 +5,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather `x` over ranks (concatenated in rank order along dim 0), keeping the gradient.
 
     Without an initialised process group of more than one rank, `x` is returned unchanged.
-    Every rank must pass a tensor of the same shape.
+    Every rank must pass a tensor of the same shape. The backward pass sums each rank's
+    gradient of its slice over ranks (a reduce-scatter), so a loss computed on the gathered
+    batch by every rank, averaged over ranks by DeepSpeed, gives the global batch's gradient.
+    (torch's functional collective; `torch.distributed.nn.all_gather` is deprecated.)
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(all_gather(x), dim=0)
+    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
 
 
 def gather_constant(x: torch.Tensor) -> torch.Tensor:
@@ -32,8 +35,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
              a_ids: torch.Tensor | None = None, b_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between rows of `a` and `b` (both L2-normalised here).
 
-    Positives are the diagonal, or, given `a_ids` and `b_ids`, every pair with equal ids; each row's
-    target is then uniform over its positives. Returns the mean of the a->b and b->a cross entropies.
+    Positives are the diagonal, or, given `a_ids` and `b_ids`, every pair with equal ids; each
+    row's target is then uniform over its positives. Returns the mean of the a->b and b->a cross
+    entropies.
     """
     if (a_ids is None) != (b_ids is None):
         raise ValueError("pass both a_ids and b_ids, or neither")
@@ -47,9 +51,11 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
     return (a2b + b2a) / 2
 
 
-def contrastive_loss(u: torch.Tensor, v: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(u: torch.Tensor, v: torch.Tensor,
+                     temperature: float | torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the GLOBAL batch: u and v are gathered from every rank with
-    gradient, so N workers with batch B/N train like one worker with batch B."""
+    gradient, so N workers with batch B/N train like one worker with batch B. `temperature`
+    may be a tensor (CLIP's learned 1 / logit_scale; its gradient flows)."""
     return info_nce(gather_with_grad(u), gather_with_grad(v), temperature)
 
 
@@ -69,7 +75,8 @@ def stage1_loss(p: torch.Tensor, b: torch.Tensor, temperature: float,
     return contrastive + cosine_weight * cosine, {"info_nce": contrastive, "cosine": cosine}
 
 
-def add_noise(a: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def add_noise(a: torch.Tensor, sigma: float,
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """norm(norm(a) + sigma * eps), eps ~ N(0, I); sigma 0 gives norm(a)."""
     a = F.normalize(a, dim=-1)
     if sigma == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from xbt_ray.config import ConfigError, ProjectorConfig, Stage1Config, TrainerConfig
 from xbt_ray.data import cache
-from xbt_ray.data.paired import (PairedCache, cache_files, column_matrix, training_dataset,
-                                  write_pairs)
+from xbt_ray.data.paired import (
+    PairedCache,
+    cache_files,
+    column_matrix,
+    training_dataset,
+    write_pairs,
+)
 from xbt_ray.models.projector import Projector, procrustes_from_covariance
 from xbt_ray.train import distributed
 from xbt_ray.train.losses import add_noise, stage1_loss
@@ -31,44 +37,51 @@ SUMMARY = "stage1.json"
 NEW, OLD = "new_text", "old_text"   # the paired cache's embedding columns
 
 
-def stage1_loop(config: dict) -> None:
+@dataclass(frozen=True)
+class Stage1Job:
+    """What every stage-1 worker gets (`stage1_loop`)."""
+
+    trainer: TrainerConfig
+    recipe: Stage1Config
+    seed: int
+    projector: dict                 # Projector(**projector): d_in, d_out, depth, width
+    init_linear: np.ndarray | None  # (d_out, d_in) float32 start of psi's linear path, or None
+    rows: int                       # caption pairs per epoch (the paired cache's footers)
+
+
+def stage1_loop(job: Stage1Job, reporting: distributed.Reporting) -> None:
     """Per-worker training loop."""
     import ray.train
 
-    trainer: TrainerConfig = config["trainer"]
-    recipe: Stage1Config = config["recipe"]
-    rank, world = distributed.worker_setup(trainer, config["seed"])
-    psi = Projector(**config["projector"])
-    if config["init_linear"] is not None:
-        psi.init_linear(torch.tensor(config["init_linear"]))
+    trainer, recipe = job.trainer, job.recipe
+    rank, world = distributed.worker_setup(trainer, job.seed)
+    psi = Projector(**job.projector)
+    if job.init_linear is not None:
+        psi.init_linear(torch.tensor(job.init_linear))
     start_epoch, done_steps = distributed.restore(psi)
 
     micro = recipe.batch_size // world
-    steps_per_epoch = config["rows"] // recipe.batch_size
+    steps_per_epoch = job.rows // recipe.batch_size
     engine = distributed.make_engine(
         psi, None, trainer, micro, recipe.lr, recipe.weight_decay,
         total_steps=steps_per_epoch * recipe.epochs, warmup_steps=steps_per_epoch // 2,
         start_step=steps_per_epoch * start_epoch)
     dtype = distributed.engine_dtype(engine)
-    noise = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    noise = torch.Generator().manual_seed(job.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
+    progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
+                                    recipe.batch_size)
     for epoch in range(start_epoch, recipe.epochs):
-        totals = {"loss": 0.0, "info_nce": 0.0, "cosine": 0.0}
-        steps = 0
-        for batch in distributed.epoch_batches(shard, micro, trainer, config["seed"], epoch, rank):
+        for batch in distributed.epoch_batches(shard, micro, trainer, job.seed, epoch, rank):
             a = add_noise(batch[NEW].float(), recipe.noise_sigma, generator=noise)
             p = engine(a.to(engine.device, dtype)).float()
             loss, parts = stage1_loss(p, batch[OLD].float().to(engine.device), recipe.temperature,
                                       recipe.cosine_weight)
-            distributed.check_finite(loss, epoch, steps)
+            distributed.check_finite(loss, epoch, progress.steps)
             engine.backward(loss)
             engine.step()
-            totals["loss"] += loss.item()
-            for name, value in parts.items():
-                totals[name] += value.item()
-            steps += 1
-        metrics = {k: v / max(1, steps) for k, v in totals.items()} | {"epoch": epoch,
-                                                                        "steps": steps}
+            progress.step(engine, loss=loss, **parts)
+        metrics = progress.end_epoch(epoch)
         distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch,
                                  "optimizer_steps": done_steps + engine.global_steps}, rank)
 
@@ -130,8 +143,8 @@ def train_stage1(new_text: str | Path, old_text: str | Path, projector: Projecto
              "width": projector.width}
     result = distributed.fit(
         stage1_loop,
-        {"trainer": trainer, "recipe": recipe, "seed": seed, "projector": shape,
-         "init_linear": init, "rows": paired.rows},
+        Stage1Job(trainer=trainer, recipe=recipe, seed=seed, projector=shape, init_linear=init,
+                  rows=paired.rows),
         trainer, run_name=run_name, storage_path=storage_path,
         datasets={"train": training_dataset(paired, [NEW, OLD], seed)}, callbacks=callbacks)
     weights, _ = distributed.load_result_checkpoint(result)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -75,18 +75,34 @@ class ProjectorOnly(torch.nn.Module):
         return self.psi(image_emb), self.psi(text_emb)
 
 
-def _build_module(config: dict):
-    recipe: Stage2Config = config["recipe"]
-    psi = Projector(**config["projector_shape"])
+@dataclass(frozen=True)
+class Stage2Job:
+    """What every stage-2 worker gets (`stage2_loop`)."""
+
+    trainer: TrainerConfig
+    recipe: Stage2Config
+    stage1: Stage1Config       # the text regulariser's noise, temperature and cosine weight
+    lora: LoraConfig
+    seed: int
+    new_model: ModelConfig     # the only model stage 2 builds (mode lora)
+    projector_shape: dict      # Projector(**projector_shape)
+    projector_weights: dict    # stage 1's psi state dict (name -> tensor)
+    text_pair_files: list[str] | None  # the regulariser's paired-cache files (text_weight > 0)
+    rows: int                  # training rows per epoch
+
+
+def _build_module(job: Stage2Job):
+    recipe = job.recipe
+    psi = Projector(**job.projector_shape)
     if not recipe.psi_from_scratch:
-        psi.load_state_dict(config["projector_weights"])
+        psi.load_state_dict(job.projector_weights)
     psi.requires_grad_(recipe.psi_lr > 0)
     if recipe.mode == "psi-only":
         return ProjectorOnly(psi), None
-    new_model, _ = clip.load_clip(config["new_model"])  # the only model stage 2 ever builds
+    new_model, _ = clip.load_clip(job.new_model)  # the only model stage 2 ever builds
     new_model.logit_scale.requires_grad_(False)
-    adapted = lora.add_lora(new_model, config["lora"])
-    return AdaptedTowers(adapted, psi, config["lora"].text_tower), adapted
+    adapted = lora.add_lora(new_model, job.lora)
+    return AdaptedTowers(adapted, psi, job.lora.text_tower), adapted
 
 
 def decode_training_pairs(batch: dict, size: int, model_name: str) -> dict:
@@ -109,14 +125,13 @@ def anchor_targets(old_images: str | Path, old_texts: str | Path, out_dir: Path)
                               "anchored targets")
 
 
-def stage2_loop(config: dict) -> None:
+def stage2_loop(job: Stage2Job, reporting: distributed.Reporting) -> None:
     """Per-worker training loop."""
     import ray.train
 
-    trainer: TrainerConfig = config["trainer"]
-    recipe: Stage2Config = config["recipe"]
-    rank, world = distributed.worker_setup(trainer, config["seed"])
-    module, adapted = _build_module(config)
+    trainer, recipe = job.trainer, job.recipe
+    rank, world = distributed.worker_setup(trainer, job.seed)
+    module, adapted = _build_module(job)
     checksum_start = lora.base_checksum(adapted) if adapted is not None else None
     start_epoch, done_steps = distributed.restore(module)
 
@@ -127,7 +142,7 @@ def stage2_loop(config: dict) -> None:
     groups = [g for g in groups if g["params"]]
     trained_names = [n for n, p in module.named_parameters() if p.requires_grad]
     micro = recipe.batch_size // world
-    steps_per_epoch = config["rows"] // recipe.batch_size
+    steps_per_epoch = job.rows // recipe.batch_size
     engine = distributed.make_engine(
         module, groups, trainer, micro, recipe.lr, recipe.weight_decay,
         total_steps=steps_per_epoch * recipe.epochs, warmup_steps=max(1, steps_per_epoch // 4),
@@ -135,18 +150,17 @@ def stage2_loop(config: dict) -> None:
     dtype = distributed.engine_dtype(engine)
     anchors = recipe.anchor_weights()
     text_pairs = None
-    if config["text_pair_files"]:   # read by this worker, never through the driver
-        text_pairs = paired.sample_rows(config["text_pair_files"], [NEW, OLD], TEXT_REG_ROWS,
-                                        config["seed"] * 1000 + rank)
-    rng = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    if job.text_pair_files:   # read by this worker, never through the driver
+        text_pairs = paired.sample_rows(job.text_pair_files, [NEW, OLD], TEXT_REG_ROWS,
+                                        job.seed * 1000 + rank)
+    rng = torch.Generator().manual_seed(job.seed * 1000 + rank)
     preprocess = adapted.base_model.model.visual.preprocess_cfg if adapted is not None else None
     shard = ray.train.get_dataset_shard("train")
+    progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
+                                    recipe.batch_size)
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
-        totals: dict[str, float] = {}
-        steps = 0
-        for batch in distributed.epoch_batches(shard, micro, trainer, config["seed"], epoch,
-                                               rank):
+        for batch in distributed.epoch_batches(shard, micro, trainer, job.seed, epoch, rank):
             old_image = old_text = None
             if anchors:
                 old_image, old_text = batch[OLD_IMAGES], batch[OLD_TEXTS]
@@ -162,26 +176,22 @@ def stage2_loop(config: dict) -> None:
                 recipe.pair_weight, anchors,
                 *(None if t is None else t.to(engine.device, torch.float32)
                   for t in (old_image, old_text)))
-            text_reg = torch.zeros(())
             if recipe.text_weight > 0:
                 idx = torch.randint(len(text_pairs[NEW]), (micro,), generator=rng).numpy()
-                a = add_noise(torch.from_numpy(text_pairs[NEW][idx]),
-                              config["stage1"].noise_sigma, generator=rng)
+                a = add_noise(torch.from_numpy(text_pairs[NEW][idx]), job.stage1.noise_sigma,
+                              generator=rng)
                 p = module.psi(a.to(engine.device, dtype)).float()
-                text_reg, _ = stage1_loss(p, torch.from_numpy(text_pairs[OLD][idx]),
-                                          config["stage1"].temperature,
-                                          config["stage1"].cosine_weight)
-                loss = loss + recipe.text_weight * text_reg
-            distributed.check_finite(loss, epoch, steps)
+                parts["text_reg"], _ = stage1_loss(
+                    p, torch.from_numpy(text_pairs[OLD][idx]).to(engine.device),
+                    job.stage1.temperature, job.stage1.cosine_weight)
+                loss = loss + recipe.text_weight * parts["text_reg"]
+            distributed.check_finite(loss, epoch, progress.steps)
             engine.backward(loss)
             engine.step()
-            for name, value in {"loss": loss, "text_reg": text_reg, **parts}.items():
-                totals[name] = totals.get(name, 0.0) + value.item()
-            steps += 1
-        metrics = {k: v / max(1, steps) for k, v in totals.items()} | {"epoch": epoch,
-                                                                        "steps": steps}
+            progress.step(engine, loss=loss, **parts)
+        metrics = progress.end_epoch(epoch)
         info = {"epoch": epoch, "optimizer_steps": done_steps + engine.global_steps,
-                "models_built": config["new_model"].name if adapted else None,
+                "models_built": job.new_model.name if adapted else None,
                 "base_checksum_start": checksum_start,
                 "base_checksum_end": lora.base_checksum(adapted) if adapted is not None else None}
         distributed.report_epoch(metrics, distributed.trained_state(engine, trained_names), info,
@@ -215,15 +225,13 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
                          "text embeddings of the training pairs)")
     out_dir = Path(out_dir).absolute()
     joins: dict = {}
-    loop_config = {"trainer": trainer, "recipe": recipe, "stage1": stage1, "lora": lora_cfg,
-                   "seed": seed, "new_model": new, "projector_shape": shape,
-                   "projector_weights": psi.state_dict(), "text_pair_files": None}
+    text_pair_files = None
     if recipe.text_weight > 0:
         if text_pairs is None:
             raise ValueError("stage2.text_weight > 0 needs text_pairs (new and old text caches)")
         texts = caption_pairs(*text_pairs, out_dir / "text_pairs", "stage 2 text regulariser")
         joins["old_text~new_text"] = texts.counts["joins"][f"{OLD}~{NEW}"]
-        loop_config["text_pair_files"] = texts.files
+        text_pair_files = texts.files
 
     if recipe.mode == "psi-only":
         pairs = psi_only_pairs(pair_embeddings, anchor_embeddings if anchored else None, out_dir)
@@ -236,7 +244,7 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
         columns = [NEW_IMAGES, NEW_TEXTS, "image_code"] + ([OLD_IMAGES, OLD_TEXTS]
                                                             if anchored else [])
         dataset = paired.training_dataset(pairs, columns, seed)
-        loop_config["rows"] = pairs.rows
+        rows = pairs.rows
     else:
         skip_log = out_dir / "skipped"
         shutil.rmtree(skip_log, ignore_errors=True)
@@ -252,12 +260,15 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
             {"size": clip.image_size(new.name), "model_name": new.name},
             ["pixels", "tokens", "image_code"] + ([OLD_IMAGES, OLD_TEXTS] if anchored else []),
             skip_log, seed, carry=[OLD_IMAGES, OLD_TEXTS] if anchored else [])
-        loop_config["rows"] = rows_in - not_anchored
+        rows = rows_in - not_anchored
     log.info("stage 2 (%s, %s%s): %d pairs, psi %s, LoRA %s", recipe.objective, recipe.mode,
-             f", anchors {recipe.anchor_weights()}" if anchored else "", loop_config["rows"],
+             f", anchors {recipe.anchor_weights()}" if anchored else "", rows,
              "trained" if recipe.psi_lr > 0 else "frozen",
              "off" if recipe.mode == "psi-only" else lora.target_regex(lora_cfg))
-    result = distributed.fit(stage2_loop, loop_config, trainer, run_name=run_name,
+    job = Stage2Job(trainer=trainer, recipe=recipe, stage1=stage1, lora=lora_cfg, seed=seed,
+                    new_model=new, projector_shape=shape, projector_weights=psi.state_dict(),
+                    text_pair_files=text_pair_files, rows=rows)
+    result = distributed.fit(stage2_loop, job, trainer, run_name=run_name,
                              storage_path=storage_path, datasets={"train": dataset})
     if recipe.mode != "psi-only":
         skipped = shards.skip_counts(skip_log)
@@ -294,7 +305,7 @@ def _finish(weights, info, counts, psi, new, recipe, lora_cfg, out_dir: Path,
     if adapters:
         save_file({k: v.contiguous() for k, v in adapters.items()}, str(out_dir / ADAPTERS))
     summary = {"objective": recipe.objective, "mode": recipe.mode, "new_model": asdict(new),
-               "lora": asdict(lora_cfg), "old_forward_passes": 0,
+               "lora": asdict(lora_cfg),
                "stage2": asdict(recipe), "data": counts, "trained_tensors": sorted(weights),
                **{k: info.get(k) for k in ("models_built", "base_checksum_start",
                                            "base_checksum_end")}}

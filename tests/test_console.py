@@ -1,0 +1,65 @@
+"""The quiet console: project lines on stderr, everything else kept under runs/<run>/logs/."""
+import logging
+import warnings
+
+import pytest
+
+from xbt_ray import console
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    console._verbose, console._log_dir, console._worker_output = True, None, None
+
+
+def test_console_shows_project_lines_and_the_file_keeps_everything(tmp_path, capsys,
+                                                                  restore_logging):
+    console.setup(verbose=False)
+    log_dir = console.log_to(tmp_path / "run")
+    logging.getLogger("xbt_ray.pipeline").info("step stage1 done in 3.0 s")
+    logging.getLogger("xbt_ray.data.paired").info("join details")
+    logging.getLogger("xbt_ray.data.cache").warning("skipped 2 rows")
+    logging.getLogger("ray.data").info("Execution finished")
+    warnings.warn("a library's deprecation notice", FutureWarning)
+    err = capsys.readouterr().err
+    assert "step stage1 done" in err and "skipped 2 rows" in err
+    assert "join details" not in err and "Execution finished" not in err
+    assert "deprecation notice" not in err
+    kept = (log_dir / "driver.log").read_text()
+    for line in ("step stage1 done", "join details", "skipped 2 rows", "Execution finished",
+                 "deprecation notice"):
+        assert line in kept
+
+
+def test_verbose_console_shows_everything(tmp_path, capsys, restore_logging):
+    console.setup(verbose=True)
+    console.log_to(tmp_path / "run")
+    logging.getLogger("ray.data").info("Execution finished")
+    logging.getLogger("xbt_ray.data.paired").info("join details")
+    err = capsys.readouterr().err
+    assert "Execution finished" in err and "join details" in err
+
+
+def test_worker_output_goes_to_files_and_progress_lines_to_train_log(tmp_path):
+    out = console._WorkerOutput(tmp_path)
+    out({"pid": 7, "actor_name": "RayTrainWorker", "lines": [
+        "[WARNING] DeepSpeed accelerator notice",
+        "2026-12-01 10:00:00,000 xbt_ray.train.distributed: stage1 step 50/400 loss 1.2"]})
+    out({"pid": 8, "task_name": "ReadFiles", "lines": ["Reporting training result"]})
+    everything = (tmp_path / "workers.log").read_text().splitlines()
+    assert everything == [
+        "(RayTrainWorker pid=7) [WARNING] DeepSpeed accelerator notice",
+        "(RayTrainWorker pid=7) 2026-12-01 10:00:00,000 xbt_ray.train.distributed: stage1 step "
+        "50/400 loss 1.2",
+        "(ReadFiles pid=8) Reporting training result"]
+    assert (tmp_path / "train.log").read_text().splitlines() == [
+        "2026-12-01 10:00:00,000 xbt_ray.train.distributed: stage1 step 50/400 loss 1.2"]

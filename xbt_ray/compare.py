@@ -1,0 +1,141 @@
+"""`xbt compare`: the compatibility tables of several MLflow runs (pipeline runs, sweep trials),
+lined up side by side (`compare_runs`, `format_comparison`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from xbt_ray.config import ConfigError
+from xbt_ray.eval.report import markdown_table
+
+
+def find_run(client, ref: str, experiment: str | None = None):
+    """An MLflow run by id, or the latest run of that name (in `experiment`, else anywhere)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(ref)
+    except MlflowException:
+        pass
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ConfigError(f"no MLflow experiment named '{experiment}'")
+        ids = [found.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    quoted = ref.replace("'", "\\'")
+    runs = client.search_runs(ids, f"attributes.run_name = '{quoted}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"no MLflow run with id or name '{ref}'"
+                          + (f" in experiment '{experiment}'" if experiment else ""))
+    return runs[0]
+
+
+def _rows_from_metrics(metrics: dict) -> list[dict]:
+    """Report rows rebuilt from a run's logged metrics (tracking.log_report's names)."""
+    import re
+
+    pattern = re.compile(r"^(?P<method>.+)\.(?P<d>i2t|t2i)\.(?P<m>R\d+)$")
+    rows: dict[str, dict] = {}
+    for name, value in metrics.items():
+        match = pattern.match(name)
+        if not match or "." in match["method"]:  # e.g. xbt_to_old.gain.i2t.R1
+            continue
+        row = rows.setdefault(match["method"], {"method": match["method"].replace("_to_", "->"),
+                                                 "i2t": {}, "t2i": {}})
+        row[match["d"]][match["m"]] = value
+    out = []
+    for key, row in rows.items():
+        row["rsum"] = metrics.get(f"{key}.rsum")
+        cells = metrics.get(f"{key}.cells_passed")
+        row["cells_passed"] = None if cells is None else int(cells)
+        gains = [metrics.get(f"{key}.gain.{d}.R1") for d in ("i2t", "t2i")]
+        row["primary"] = None if None in gains else float(np.mean(gains))
+        out.append(row)
+    return out
+
+
+def _rows_from_report(report: dict) -> list[dict]:
+    from xbt_ray.eval.report import cells_passed
+
+    rows = []
+    for row in report["rows"]:
+        gain = row.get("update_gain") or {}
+        gains = [gain.get(d, {}).get("R1") for d in ("i2t", "t2i")]
+        rows.append({"method": row["method"], "i2t": row["i2t"], "t2i": row["t2i"],
+                     "rsum": row.get("rsum"), "cells_passed": cells_passed(row),
+                     "primary": (None if not gain or None in gains else float(np.mean(gains)))})
+    return rows
+
+
+def _report_artifact(run_id: str, tracking_uri: str) -> dict:
+    import os
+
+    import mlflow
+
+    key, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[key] = "false"  # no progress bar on stderr for one small file
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report.json",
+                                                   tracking_uri=tracking_uri)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+    return json.loads(Path(path).read_text())
+
+
+def compare_runs(refs: list[str], tracking_uri: str, experiment: str | None = None) -> list[dict]:
+    """[{run, run_id, source, rows}] per run: its report.json artifact when it has one, else its
+    logged metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    tables = []
+    for ref in refs:
+        run = find_run(client, ref, experiment)
+        run_id = run.info.run_id
+        names = {a.path for a in client.list_artifacts(run_id)}
+        if "report.json" in names:
+            rows, source = _rows_from_report(_report_artifact(run_id, tracking_uri)), "report.json"
+        else:
+            rows, source = _rows_from_metrics(run.data.metrics), "metrics"
+        if not rows:
+            raise ConfigError(f"MLflow run '{ref}' ({run_id}) has no compatibility table")
+        tables.append({"run": run.info.run_name or run_id, "run_id": run_id, "source": source,
+                       "rows": rows})
+    return tables
+
+
+def format_comparison(tables: list[dict]) -> str:
+    """Markdown: per method, one line per run (in the order given): R@1/5/10 both directions,
+    RSUM, cells passing the strict criterion, and the primary metric (mean R@1 gain)."""
+    methods: list[str] = []
+    for table in tables:
+        methods += [r["method"] for r in table["rows"] if r["method"] not in methods]
+    metrics = ["R1", "R5", "R10"]
+    header = (["method", "run"] + [f"{d.upper()} {m}" for d in ("i2t", "t2i") for m in metrics]
+              + ["RSUM", "cells ✓", "gain R1"])
+
+    def num(v, digits=1):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    body = []
+    for method in methods:
+        for table in tables:
+            row = next((r for r in table["rows"] if r["method"] == method), None)
+            if row is None:
+                continue
+            body.append([method, table["run"]]
+                        + [num(row[d].get(m)) for d in ("i2t", "t2i") for m in metrics]
+                        + [num(row["rsum"]),
+                           "-" if row["cells_passed"] is None
+                           else f"{row['cells_passed']}/{len(row['i2t']) + len(row['t2i'])}",
+                           num(row["primary"], 3)])
+    return "\n".join(markdown_table(header, body))
