@@ -9,8 +9,11 @@ to one local Ray head that this module starts for the whole part (`ray start --h
 127.0.0.1 with `num_cpus` = the cores and a fixed `--object-store-memory`, stopped afterwards by
 its own processes only). Per size it records:
 
-- `driver_peak_rss_gib`: the driver's `ru_maxrss` when the job returned (imports, `ray.init`
-  and the job; Ray's worker processes are not counted),
+- `driver_peak_rss_gib`: the driver's peak resident memory when the job returned, the `VmHWM`
+  of /proc/self/status (imports, `ray.init` and the job; Ray's worker processes are not
+  counted). Not `ru_maxrss`: Linux carries a parent's high-water mark into a forked child's
+  `ru_maxrss` across exec, so every size would read the benchmark process's own peak (1.88 GiB
+  at every size in the first full run, 2026-12-01, while VmHWM was not recorded),
 - `object_store_peak_gib`: the cluster's object store bytes in use (shared memory plus fallback
   mmap) at their peak while the driver ran, minus the value just before it started. A monitor
   process polls the raylet every `scaling_sample_s` (0.5 s) with
@@ -339,9 +342,10 @@ def child(spec_path: str) -> None:
         summary = Path(spec["out_dir"]) / "stage1.json"
         if summary.is_file():
             out["rows_used"] = json.loads(summary.read_text())["data"].get("rows_used")
-    # ru_maxrss: KiB on Linux; the same as /proc/self/status VmHWM
-    out["driver_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out["driver_vmhwm_gib"] = _rss_kib("VmHWM") / 2**20
+    # VmHWM: this process image's peak RSS (KiB). ru_maxrss (kept for reference) also holds the
+    # high-water mark of the parent that forked this process, so it cannot show the job's own
+    out["driver_peak_rss_gib"] = _rss_kib("VmHWM") / 2**20
+    out["driver_ru_maxrss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ray.shutdown()
     print(json.dumps(out), flush=True)
 
@@ -476,6 +480,7 @@ def bench_scaling(preset, work: Path, model, device: str, cores: int) -> dict:
                     finally:
                         shutil.rmtree(scratch, ignore_errors=True)
                     rows.append({k: got[k] for k in ("rows", "driver_peak_rss_gib",
+                                                     "driver_ru_maxrss_gib",
                                                      "object_store_peak_gib", "seconds_per_row",
                                                      "seconds", "driver_rss_setup_gib",
                                                      "object_store_spilled_gib",

@@ -28,7 +28,7 @@ def test_console_shows_project_lines_and_the_file_keeps_everything(tmp_path, cap
     logging.getLogger("xbt_ray.pipeline").info("step stage1 done in 3.0 s")
     logging.getLogger("xbt_ray.data.paired").info("join details")
     logging.getLogger("xbt_ray.data.cache").warning("skipped 2 rows")
-    logging.getLogger("ray.data").info("Execution finished")
+    logging.getLogger("ray.xbt_test_library").info("Execution finished")
     warnings.warn("a library's deprecation notice", FutureWarning)
     err = capsys.readouterr().err
     assert "step stage1 done" in err and "skipped 2 rows" in err
@@ -43,7 +43,7 @@ def test_console_shows_project_lines_and_the_file_keeps_everything(tmp_path, cap
 def test_verbose_console_shows_everything(tmp_path, capsys, restore_logging):
     console.setup(verbose=True)
     console.log_to(tmp_path / "run")
-    logging.getLogger("ray.data").info("Execution finished")
+    logging.getLogger("ray.xbt_test_library").info("Execution finished")
     logging.getLogger("xbt_ray.data.paired").info("join details")
     err = capsys.readouterr().err
     assert "Execution finished" in err and "join details" in err
@@ -63,3 +63,36 @@ def test_worker_output_goes_to_files_and_progress_lines_to_train_log(tmp_path):
         "(ReadFiles pid=8) Reporting training result"]
     assert (tmp_path / "train.log").read_text().splitlines() == [
         "2026-12-01 10:00:00,000 xbt_ray.train.distributed: stage1 step 50/400 loss 1.2"]
+
+
+def test_errors_and_ray_train_warnings_still_reach_the_quiet_console(tmp_path, capsys,
+                                                                    restore_logging):
+    console.setup(verbose=False)
+    console.log_to(tmp_path / "run")
+    logging.getLogger("ray.tune").error("Trial task failed: Traceback ...")
+    logging.getLogger("ray.train").warning("worker group start-up timed out")
+    logging.getLogger("ray.xbt_test_library").warning("a Ray Data notice")
+    err = capsys.readouterr().err
+    assert "Trial task failed" in err and "start-up timed out" in err
+    assert "Ray Data notice" not in err
+
+
+def test_quiet_console_prints_only_the_worker_output_a_person_must_see():
+    printed = []
+    batches = [
+        {"pid": 7, "actor_name": "RayTrainWorker", "lines": [
+            "[WARNING] async_io requires the dev libaio .so object",
+            "2026-12-01 10:00:00 INFO xbt_ray.train.distributed: stage1 step 50/400",
+            "Traceback (most recent call last):", "RuntimeError: boom",
+            "2026-12-01 10:00:01 WARNING xbt_ray.train.distributed: MLflow logging off"]},
+        {"pid": "autoscaler", "lines": ["No available node types can fulfill the request"]},
+        {"pid": 9, "actor_name": "TrainController", "lines": ["[FailurePolicy] RETRY"]},
+        {"pid": 8, "task_name": "ReadFiles", "lines": ["Reporting training result"]},
+    ]
+    for batch in batches:
+        console._print_alarms(printed.append, batch)
+    assert [b["lines"] for b in printed] == [
+        ["Traceback (most recent call last):", "RuntimeError: boom",
+         "2026-12-01 10:00:01 WARNING xbt_ray.train.distributed: MLflow logging off"],
+        ["No available node types can fulfill the request"],
+        ["[FailurePolicy] RETRY"]]

@@ -74,11 +74,20 @@ def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, t
     assert info["epoch"] == EPOCHS - 1
     # every optimizer step of every epoch, once: none lost, none repeated after the restart
     assert info["optimizer_steps"] == EPOCHS * (ROWS // BATCH)
+    # and the attempt that finished started from a checkpoint, not from scratch
+    steps_per_epoch = ROWS // BATCH
+    assert 0 < info["resumed_from_step"] < info["optimizer_steps"]
+    assert info["resumed_from_step"] % steps_per_epoch == 0
 
-    # the driver re-runs under the same name: it resumes at the end and trains nothing
-    n_checkpoints = len(_checkpoints(storage / run))
+    # the driver re-runs under the same name: it resumes at the end and trains nothing (no new
+    # checkpoint: the same directories with the same files, untouched)
+    def snapshot():
+        return {str(p.relative_to(storage)): p.stat().st_mtime_ns
+                for c in _checkpoints(storage / run) for p in c.rglob("*")}
+
+    before = snapshot()
     train_stage1(new, old, out_dir=tmp_path / "again", **args)
-    assert len(_checkpoints(storage / run)) == n_checkpoints
+    assert snapshot() == before
     first = load_file(str(tmp_path / "first" / PROJECTOR_WEIGHTS))
     again = load_file(str(tmp_path / "again" / PROJECTOR_WEIGHTS))
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

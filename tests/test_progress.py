@@ -29,8 +29,8 @@ def test_progress_logs_every_n_steps_and_averages_each_epoch(caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="xbt_ray.train.distributed"):
         progress.step(_Engine(), loss=torch.tensor(5.0), cosine=torch.tensor(0.0))
-    # step 4 closes a window of steps 3 and 4: (3 + 5) / 2
-    assert caplog.records[0].getMessage().startswith("stage1 step 4/6 loss 4.0000 cosine 0.1500")
+    # step 4 closes a window that began with epoch 1 (not with epoch 0's checkpoint): step 4 only
+    assert caplog.records[0].getMessage().startswith("stage1 step 4/6 loss 5.0000 cosine 0.0000")
     assert progress.end_epoch(1)["loss"] == 5.0   # the epoch's own steps only
 
 

@@ -12,14 +12,26 @@ Everything else is kept, not dropped, under `runs/<run>/logs/`:
 - `train.log`: the project's lines among them: rank 0's progress (step / total, loss, lr, rows/s,
   ETA) and epoch lines of every training run. `tail -f` it to watch a run.
 
-`--verbose` brings everything back to the console as well. Worker output reaches the driver
-through Ray's log streaming (`log_to_driver`); this module swaps Ray's console printer for one
-that writes the files above (a Ray internal, `global_worker_stdstream_dispatcher`, checked at
-start: if it is missing, Ray's own printer stays and the console is merely noisier).
+What still reaches the console by default, because a person must see it: any ERROR record (Ray
+Tune's failed-trial tracebacks included), warnings of Ray Train and Ray Tune, and the worker
+output Ray needs to be seen: autoscaler events (e.g. a placement group no node can fit), the
+Train controller's lines (retries after a worker failure, start-up timeouts) and worker lines
+that carry a traceback or an error, or a warning of the project's own. Raylet error pushes (a
+worker killed for memory) and the exception a failed run raises are printed by Ray and Python
+as always.
+
+`--verbose` brings everything back to the console as well (the files are written either way).
+Worker output reaches the driver through Ray's log streaming (`log_to_driver`); this module adds
+a writer of the files above to Ray's dispatcher of worker output and, unless verbose, puts a
+filter in front of Ray's own console printer (a Ray internal, `global_worker_stdstream_dispatcher`
+and `print_to_stdstream`, checked at start: if they move, Ray's printer stays as it is and the
+console is merely noisier).
 """
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import sys
 import threading
 from pathlib import Path
@@ -28,8 +40,15 @@ PROJECT = "xbt_ray"
 # the loggers whose INFO lines the console shows; other xbt_ray modules' INFO lines (joins,
 # cache hits, per-job counts) go to driver.log only, their warnings to both
 CONSOLE_LOGGERS = ("xbt_ray.cli", "xbt_ray.pipeline", "xbt_ray.sweep")
-FORMAT = "%(asctime)s %(name)s: %(message)s"
+# Ray libraries whose warnings a person must see (trial failures, resource shortfalls)
+RAY_WARNINGS = ("ray.train", "ray.tune")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RAY_PRINTER = "ray_print_logs"   # the name Ray registers its worker-output printer under
+_FILES = "xbt_worker_output_files"
+# worker lines shown on the console even when quiet: tracebacks, errors, the project's own
+# warnings (library warnings such as DeepSpeed's start-up notices stay in workers.log)
+_ALARM = re.compile(r"Traceback|\bERROR\b|Error:|Exception:|Killed|OutOfMemory"
+                    r"|\bWARNING " + PROJECT + r"\.")
 
 
 def _within(name: str, parent: str) -> bool:
@@ -38,14 +57,19 @@ def _within(name: str, parent: str) -> bool:
 
 class _ProjectOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
         if any(_within(record.name, c) for c in CONSOLE_LOGGERS):
             return True
-        return _within(record.name, PROJECT) and record.levelno >= logging.WARNING
+        if record.levelno >= logging.WARNING:
+            return any(_within(record.name, p) for p in (PROJECT, *RAY_WARNINGS))
+        return False
 
 
 def setup(verbose: bool = False) -> None:
     """Console logging for a command: project lines at INFO (all records with `verbose`).
     Python warnings become log records (they reach the console only with `verbose`)."""
+    global _verbose
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "_xbt_console", False)]:
@@ -57,7 +81,6 @@ def setup(verbose: bool = False) -> None:
         console.addFilter(_ProjectOnly())
     root.addHandler(console)
     logging.captureWarnings(True)
-    global _verbose
     _verbose = verbose
 
 
@@ -67,8 +90,8 @@ _worker_output = None
 
 
 def log_to(run_dir: Path) -> Path:
-    """Keep every driver log record in `run_dir/logs/driver.log` (idempotent per directory).
-    Returns the logs directory."""
+    """Keep every driver log record at INFO and above in `run_dir/logs/driver.log`
+    (idempotent per directory). Returns the logs directory."""
     global _log_dir
     log_dir = Path(run_dir).absolute() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +100,8 @@ def log_to(run_dir: Path) -> Path:
         for handler in [h for h in root.handlers if getattr(h, "_xbt_file", False)]:
             root.removeHandler(handler)
             handler.close()
-        file = logging.FileHandler(log_dir / "driver.log")
+        file = logging.FileHandler(log_dir / "driver.log", encoding="utf-8")
+        file.setLevel(logging.INFO)
         file.setFormatter(logging.Formatter(FORMAT))
         file._xbt_file = True
         root.addHandler(file)
@@ -86,30 +110,50 @@ def log_to(run_dir: Path) -> Path:
 
 
 def quiet_ray() -> None:
-    """After `ray.init`: Ray's driver-side loggers log through the root logger (the file; the
-    console only with `verbose`), and worker output goes to `workers.log` / `train.log` instead
-    of the console. Does nothing in verbose mode or before `log_to`."""
-    if _verbose or _log_dir is None:
+    """Around `ray.init`: Ray's driver-side loggers (Ray Data's included, imported here so its
+    own console handler is in place to be removed) log through the root logger at INFO, and
+    worker output is written to `workers.log` / `train.log`; unless verbose, only the worker
+    output a person must see (module doc) still reaches the console. Does nothing before
+    `log_to`."""
+    if _log_dir is None:
         return
-    for name in [n for n in logging.Logger.manager.loggerDict if n == "ray" or
-                 n.startswith("ray.")]:
+    import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
+
+    for name in [n for n in logging.Logger.manager.loggerDict if _within(n, "ray")]:
         logger = logging.getLogger(name)
         for handler in [h for h in logger.handlers
                         if isinstance(h, logging.StreamHandler)
                         and not isinstance(h, logging.FileHandler)]:
             logger.removeHandler(handler)
         logger.propagate = True
+    logging.getLogger("ray.data").setLevel(logging.INFO)
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import print_to_stdstream
     except ImportError:
         logging.getLogger(__name__).warning("Ray's worker-output dispatcher moved: worker "
-                                            "output stays on the console")
+                                            "output stays on the console, not in %s", _log_dir)
         return
     global _worker_output
     if _worker_output is None or _worker_output.log_dir != _log_dir:
         _worker_output = _WorkerOutput(_log_dir)
-    dispatcher.remove_handler(_RAY_PRINTER)
-    dispatcher.add_handler(_RAY_PRINTER, _worker_output)
+    dispatcher.remove_handler(_FILES)
+    dispatcher.add_handler(_FILES, _worker_output)
+    if not _verbose and any(name == _RAY_PRINTER for name, _ in dispatcher.handlers):
+        dispatcher.remove_handler(_RAY_PRINTER)
+        dispatcher.add_handler(_RAY_PRINTER, functools.partial(
+            _print_alarms, functools.partial(print_to_stdstream, ignore_prefix=False)))
+
+
+def _print_alarms(printer, batch: dict) -> None:
+    """Ray's console printer, for the worker output a person must see (module doc) only."""
+    if batch.get("pid") == "autoscaler" or str(batch.get("actor_name") or "").startswith(
+            "TrainController"):
+        printer(batch)
+        return
+    lines = [line for line in batch.get("lines", []) if _ALARM.search(line)]
+    if lines:
+        printer(dict(batch, lines=lines))
 
 
 def worker_logging() -> None:
@@ -126,19 +170,25 @@ def worker_logging() -> None:
 
 
 class _WorkerOutput:
-    """Ray worker output batches (dicts with `lines`, `pid`, `actor_name`/`task_name`) -> files."""
+    """Ray worker output batches (dicts with `lines`, `pid`, `actor_name`/`task_name`) -> files.
+    Never raises: an exception here would end Ray's log-streaming thread."""
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.lock = threading.Lock()
-        self.all = open(log_dir / "workers.log", "a", buffering=1)
-        self.train = open(log_dir / "train.log", "a", buffering=1)
+        self.all = open(log_dir / "workers.log", "a", buffering=1, encoding="utf-8",
+                        errors="replace")
+        self.train = open(log_dir / "train.log", "a", buffering=1, encoding="utf-8",
+                          errors="replace")
 
     def __call__(self, batch: dict) -> None:
-        who = batch.get("actor_name") or batch.get("task_name") or ""
-        prefix = f"({who} pid={batch.get('pid')}) "
-        with self.lock:
-            for line in batch.get("lines", []):
-                self.all.write(prefix + line + "\n")
-                if f" {PROJECT}." in line:
-                    self.train.write(line + "\n")
+        try:
+            who = batch.get("actor_name") or batch.get("task_name") or ""
+            prefix = f"({who} pid={batch.get('pid')}) "
+            with self.lock:
+                for line in batch.get("lines", []):
+                    self.all.write(prefix + line + "\n")
+                    if f" {PROJECT}." in line:
+                        self.train.write(line + "\n")
+        except Exception as err:  # disk full, a closed file: say so on the console, go on
+            print(f"xbt: worker output not written to {self.log_dir}: {err}", file=sys.stderr)

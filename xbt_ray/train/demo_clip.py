@@ -57,7 +57,7 @@ def clip_loop(job: ClipJob, reporting: distributed.Reporting) -> None:
     preprocess = model.visual.preprocess_cfg
     shard = ray.train.get_dataset_shard("train")
     progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
-                                    recipe.batch_size)
+                                    micro * world)
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
         for batch in distributed.epoch_batches(shard, micro, trainer, job.seed, epoch, rank):
@@ -72,7 +72,9 @@ def clip_loop(job: ClipJob, reporting: distributed.Reporting) -> None:
             progress.step(engine, loss=loss)
         metrics = progress.end_epoch(epoch)
         distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch,
-                                 "optimizer_steps": done_steps + engine.global_steps}, rank)
+                                 "optimizer_steps": done_steps + engine.global_steps,
+                                 "resumed_from_step": done_steps}, rank)
+    progress.close()
 
 
 def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str],

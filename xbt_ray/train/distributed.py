@@ -13,8 +13,9 @@ bounded local buffer (`trainer.shuffle_buffer_rows`), seeded by (seed, epoch, ra
 
 Progress (`Progress`): rank 0 logs a line every `trainer.log_every_steps` optimizer steps (step /
 total, loss and its parts, learning rate, rows/s, ETA) and sends those and every epoch's mean
-metrics to the driver's MLflow run, when the driver has one open (`fit` passes its id). Losses
-are summed on the device; the host reads them only at those steps and at the epoch's end.
+metrics to the driver's MLflow run, when the driver has one open (`fit` passes its id), from a
+background thread. Losses are summed on the device; progress reads them only at those steps and
+at the epoch's end (`check_finite` still reads each step's loss before backward).
 Gradient clipping is explicit (`trainer.grad_clip`, 0 = off) because DeepSpeed's own default
 clips at 1.0, which slowed the from-scratch demo CLIPs badly (old model, 6 epochs, I2T R@1
 2.4 with clipping at 1.0 vs 11.0 without, same data and seed).
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +110,8 @@ class Progress:
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.window_sums: dict[str, torch.Tensor] = {}
-        self.mlflow = None
-        if rank == 0 and reporting.mlflow_run_id:
-            import mlflow
-
-            self.mlflow = mlflow.MlflowClient(reporting.tracking_uri)
+        self.mlflow = (_MlflowSender(reporting) if rank == 0 and reporting.mlflow_run_id
+                       else None)
 
     def step(self, engine, **values: torch.Tensor) -> None:
         for name, value in values.items():
@@ -131,7 +130,7 @@ class Progress:
         means = {k: float(v) / self.window_steps for k, v in self.window_sums.items()}
         lr = engine.get_lr()[0] if engine.get_lr() else float("nan")
         rate = self.window_steps * self.global_batch / max(elapsed, 1e-9)
-        eta = (self.total - self.done) * elapsed / self.window_steps
+        eta = max(0, self.total - self.done) * elapsed / self.window_steps
         parts = " ".join(f"{k} {v:.4f}" for k, v in means.items())
         log.info("%s step %d/%d %s lr %.2e %.0f rows/s ETA %s", self.reporting.label, self.done,
                  self.total, parts, lr, rate, _duration(eta))
@@ -148,23 +147,64 @@ class Progress:
                               if k not in ("epoch", "steps")), self.steps)
             self._log_mlflow({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
         self.sums, self.steps = {}, 0
+        # the next window starts with the next epoch (not with this epoch's checkpoint write)
+        self.window_start, self.window_steps, self.window_sums = time.perf_counter(), 0, {}
         return metrics
 
     def _log_mlflow(self, values: dict, step: int) -> None:
-        if self.mlflow is None:
-            return
-        from mlflow.entities import Metric
+        if self.mlflow is not None:
+            self.mlflow.send(values, step)
 
+    def close(self) -> None:
+        """Wait (at most 60 s) for the MLflow metrics still queued; call after the last epoch."""
+        if self.mlflow is not None:
+            self.mlflow.close()
+
+
+class _MlflowSender:
+    """Rank 0's metrics to the driver's MLflow run from a background thread, so a slow or
+    unreachable tracking server never holds up a training step (the other ranks would wait for
+    rank 0 at the next collective). The first failure (store unreachable from this node, run
+    not found, credentials missing) turns it off with one warning; training goes on."""
+
+    def __init__(self, reporting: Reporting):
+        import queue
+
+        self.reporting = reporting
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="xbt-mlflow", daemon=True)
+        self.thread.start()
+
+    def send(self, values: dict, step: int) -> None:
+        self.queue.put((dict(values), step, int(time.time() * 1000)))
+
+    def close(self, timeout: float = 60) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
         from xbt_ray.tracking import metric_name
 
-        now = int(time.time() * 1000)
+        label, run_id = self.reporting.label, self.reporting.mlflow_run_id
         try:
-            self.mlflow.log_batch(self.reporting.mlflow_run_id, metrics=[
-                Metric(metric_name("train", self.reporting.label, k), float(v), now, step)
-                for k, v in values.items()])
-        except Exception as err:  # MLflow down: training goes on, the log says so once
-            log.warning("%s: MLflow logging off after an error: %s", self.reporting.label, err)
-            self.mlflow = None
+            import mlflow
+            from mlflow.entities import Metric
+
+            client = mlflow.MlflowClient(self.reporting.tracking_uri)
+            client.get_run(run_id)   # reachable, and the run exists in this store
+        except Exception as err:
+            log.warning("%s: MLflow logging off (run %s not reachable from this worker: %s)",
+                        label, run_id, err)
+            return
+        while (item := self.queue.get()) is not None:
+            values, step, now = item
+            try:
+                client.log_batch(run_id, metrics=[
+                    Metric(metric_name("train", label, k), float(v), now, step)
+                    for k, v in values.items()])
+            except Exception as err:  # MLflow down: training goes on, the log says so once
+                log.warning("%s: MLflow logging off after an error: %s", label, err)
+                return
 
 
 def _duration(seconds: float) -> str:
@@ -257,7 +297,8 @@ def restore(module: torch.nn.Module) -> tuple[int, int]:
     restored one (re-run under the same name, or a worker restart).
 
     Returns (epoch to start, optimizer steps already taken), (0, 0) without a checkpoint. Loops
-    record `optimizer_steps` = those + `engine.global_steps` in each checkpoint's info.
+    record `optimizer_steps` = those + `engine.global_steps` in each checkpoint's info, and
+    `resumed_from_step` = those (0 for an attempt that started from scratch).
     """
     import ray.train
 
@@ -302,8 +343,30 @@ def driver_reporting(label: str, trainer: TrainerConfig) -> Reporting:
 
         active = mlflow.active_run()
         if active is not None:
-            run_id, uri = active.info.run_id, mlflow.get_tracking_uri()
+            run_id, uri = active.info.run_id, _absolute_store_uri(mlflow.get_tracking_uri())
+    if run_id and uri.split(":", 1)[0] in ("sqlite", "file") and _alive_nodes() > 1:
+        log.info("%s: training curves not sent to MLflow: the local store %s is not reachable "
+                 "from the other nodes' workers (use a tracking server)", label, uri)
+        run_id = uri = None
     return Reporting(label, trainer.log_every_steps, uri, run_id)
+
+
+def _absolute_store_uri(uri: str) -> str:
+    """A local store's URI with an absolute path: Ray Train workers run in other directories.
+    `sqlite:///mlflow.db` -> `sqlite:////abs/mlflow.db`, `./mlruns` -> `file:///abs/mlruns`."""
+    from pathlib import Path
+
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).absolute())
+    if "://" not in uri:
+        return Path(uri).absolute().as_uri()
+    return uri
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def fit(loop, job, trainer: TrainerConfig, run_name: str, storage_path: Path,

@@ -70,7 +70,7 @@ def stage1_loop(job: Stage1Job, reporting: distributed.Reporting) -> None:
     noise = torch.Generator().manual_seed(job.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
     progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
-                                    recipe.batch_size)
+                                    micro * world)
     for epoch in range(start_epoch, recipe.epochs):
         for batch in distributed.epoch_batches(shard, micro, trainer, job.seed, epoch, rank):
             a = add_noise(batch[NEW].float(), recipe.noise_sigma, generator=noise)
@@ -83,7 +83,9 @@ def stage1_loop(job: Stage1Job, reporting: distributed.Reporting) -> None:
             progress.step(engine, loss=loss, **parts)
         metrics = progress.end_epoch(epoch)
         distributed.report_epoch(metrics, distributed.trained_state(engine), {"epoch": epoch,
-                                 "optimizer_steps": done_steps + engine.global_steps}, rank)
+                                 "optimizer_steps": done_steps + engine.global_steps,
+                                 "resumed_from_step": done_steps}, rank)
+    progress.close()
 
 
 def caption_pairs(new_text: str | Path, old_text: str | Path, out_dir: Path,

@@ -157,7 +157,7 @@ def stage2_loop(job: Stage2Job, reporting: distributed.Reporting) -> None:
     preprocess = adapted.base_model.model.visual.preprocess_cfg if adapted is not None else None
     shard = ray.train.get_dataset_shard("train")
     progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
-                                    recipe.batch_size)
+                                    micro * world)
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
         for batch in distributed.epoch_batches(shard, micro, trainer, job.seed, epoch, rank):
@@ -191,11 +191,13 @@ def stage2_loop(job: Stage2Job, reporting: distributed.Reporting) -> None:
             progress.step(engine, loss=loss, **parts)
         metrics = progress.end_epoch(epoch)
         info = {"epoch": epoch, "optimizer_steps": done_steps + engine.global_steps,
+                "resumed_from_step": done_steps,
                 "models_built": job.new_model.name if adapted else None,
                 "base_checksum_start": checksum_start,
                 "base_checksum_end": lora.base_checksum(adapted) if adapted is not None else None}
         distributed.report_epoch(metrics, distributed.trained_state(engine, trained_names), info,
                                  rank)
+    progress.close()
 
 
 def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_cfg: LoraConfig,
