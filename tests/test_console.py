@@ -86,7 +86,8 @@ def test_quiet_console_prints_only_the_worker_output_a_person_must_see():
             "Traceback (most recent call last):", "RuntimeError: boom",
             "2026-12-01 10:00:01 WARNING xbt_ray.train.distributed: MLflow logging off"]},
         {"pid": "autoscaler", "lines": ["No available node types can fulfill the request"]},
-        {"pid": 9, "actor_name": "TrainController", "lines": ["[FailurePolicy] RETRY"]},
+        {"pid": 9, "actor_name": "TrainController", "lines": [
+            "Requesting resources: {'CPU': 0.5} * 2", "[FailurePolicy] RETRY"]},
         {"pid": 8, "task_name": "ReadFiles", "lines": ["Reporting training result"]},
     ]
     for batch in batches:

@@ -15,10 +15,10 @@ Everything else is kept, not dropped, under `runs/<run>/logs/`:
 What still reaches the console by default, because a person must see it: any ERROR record (Ray
 Tune's failed-trial tracebacks included), warnings of Ray Train and Ray Tune, and the worker
 output Ray needs to be seen: autoscaler events (e.g. a placement group no node can fit), the
-Train controller's lines (retries after a worker failure, start-up timeouts) and worker lines
-that carry a traceback or an error, or a warning of the project's own. Raylet error pushes (a
-worker killed for memory) and the exception a failed run raises are printed by Ray and Python
-as always.
+Train controller's lines on failures (retries after a worker failure, start-up timeouts for
+lack of resources) and worker lines that carry a traceback or an error, or a warning of the
+project's own. Raylet error pushes (a worker killed for memory), Ray's own C++ error lines and
+the exception a failed run raises are printed by Ray and Python as always.
 
 `--verbose` brings everything back to the console as well (the files are written either way).
 Worker output reaches the driver through Ray's log streaming (`log_to_driver`); this module adds
@@ -47,6 +47,9 @@ _RAY_PRINTER = "ray_print_logs"   # the name Ray registers its worker-output pri
 _FILES = "xbt_worker_output_files"
 # worker lines shown on the console even when quiet: tracebacks, errors, the project's own
 # warnings (library warnings such as DeepSpeed's start-up notices stay in workers.log)
+# the Train controller's lines about failures and resources (not its routine start-up lines)
+_CONTROLLER_ALARM = re.compile(r"FailurePolicy|[Rr]etr(y|ies|ying)|timed out|[Ii]nsufficient"
+                               r"|not enough|[Ff]ailed")
 _ALARM = re.compile(r"Traceback|\bERROR\b|Error:|Exception:|Killed|OutOfMemory"
                     r"|\bWARNING " + PROJECT + r"\.")
 
@@ -147,11 +150,12 @@ def quiet_ray() -> None:
 
 def _print_alarms(printer, batch: dict) -> None:
     """Ray's console printer, for the worker output a person must see (module doc) only."""
-    if batch.get("pid") == "autoscaler" or str(batch.get("actor_name") or "").startswith(
-            "TrainController"):
+    if batch.get("pid") == "autoscaler":
         printer(batch)
         return
-    lines = [line for line in batch.get("lines", []) if _ALARM.search(line)]
+    controller = str(batch.get("actor_name") or "").startswith("TrainController")
+    lines = [line for line in batch.get("lines", [])
+             if _ALARM.search(line) or (controller and _CONTROLLER_ALARM.search(line))]
     if lines:
         printer(dict(batch, lines=lines))
 
