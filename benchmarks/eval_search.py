@@ -25,12 +25,15 @@ from xbt_ray.eval.retrieval import chunk_rows, query_ranks
 
 
 def rss_gib() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process in GiB."""
+    """(current RSS, peak RSS) of this process in GiB. The peak is /proc/self/status VmHWM, this
+    process image's own high-water mark: `ru_maxrss` would also carry the peak of the process
+    that forked this one (the benchmark), which hid the search's own peak before 2026-12-01."""
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     current = pages * resource.getpagesize() / 2**30
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return current, peak
+    with open("/proc/self/status") as f:
+        peak_kib = next(float(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return current, peak_kib / 2**20
 
 
 def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
