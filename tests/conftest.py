@@ -65,7 +65,7 @@ def tiny_run(mlflow_uri, tmp_path_factory):
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "-m", "xbt_ray.cli", "run", "--config",
                                str(ROOT / "xbt_ray" / "configs" / "tiny.yaml"), *overrides],
-                              env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
+                              env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, timeout=2400)
     if done.returncode != 0:
         raise RuntimeError(f"xbt run failed ({done.returncode}):\n{log.read_text()[-4000:]}")
     config = load_config(ROOT / "xbt_ray" / "configs" / "tiny.yaml", overrides)

@@ -112,10 +112,6 @@ class TrainerConfig:
     # Rank 0 logs step / total, loss and its parts, lr, rows/s and ETA every this many optimizer
     # steps, and sends them to the run's MLflow run (0: epoch ends only)
     log_every_steps: int = 50
-    # Training streams deliver blocks in a fixed order (Ray Data's `preserve_order`), so a rerun
-    # with the same seed sees the same batches; false lets a fast block overtake a slow one
-    # (more throughput when reads or decodes vary in time, batches no longer reproducible)
-    preserve_order: bool = True
 
 
 @dataclass

@@ -374,11 +374,9 @@ def fit(loop, job, trainer: TrainerConfig, run_name: str, storage_path: Path,
     """Run `loop(job, reporting)` on `trainer.num_workers` Ray Train workers; re-running the
     same name resumes. `label` (default `run_name`) names the run in progress lines and MLflow
     metrics."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = trainer.preserve_order
     resources = {"CPU": trainer.cpus_per_worker}
     if trainer.use_gpu:
         resources["GPU"] = 1
@@ -393,7 +391,6 @@ def fit(loop, job, trainer: TrainerConfig, run_name: str, storage_path: Path,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks),
         datasets=datasets or {},
-        dataset_config=DataConfig(execution_options=ingest),
     ).fit()
     if result.error:
         raise RuntimeError(f"training run {run_name} failed: {result.error}")
