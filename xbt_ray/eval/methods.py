@@ -39,6 +39,3 @@ def procrustes(fit: str) -> str:
 def xbt(objective: str) -> str:
     """The report row of a stage 2 with `objective` (faithful | anchored)."""
     return XBT_ANCHORED if objective == "anchored" else XBT
-
-
-BASELINES = tuple(procrustes(f) for f in PROCRUSTES_FITS) + (RIDGE, SLERP, SLERP_MID)
