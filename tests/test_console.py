@@ -9,22 +9,47 @@ from xbt_ray import console
 
 @pytest.fixture
 def restore_logging():
+    """Undo what `setup`, `log_to` and `quiet_ray` change: root handlers and level, the Ray
+    loggers' handlers and propagation (Ray, once imported by another test module, has its own
+    console handler on "ray" and does not propagate), Ray's worker-output handlers."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    ray_loggers = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate,
+                          logging.getLogger(name).level)
+                   for name in list(logging.Logger.manager.loggerDict)
+                   if name == "ray" or name.startswith("ray.")}
+    worker_handlers = list(dispatcher.handlers)
     yield
     for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+    for name, (kept, propagate, lvl) in ray_loggers.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = kept
+        logger.propagate, logger.level = propagate, lvl
+    dispatcher.handlers = worker_handlers
     logging.captureWarnings(False)
+    if console._worker_output is not None:
+        console._worker_output.all.close()
+        console._worker_output.train.close()
     console._verbose, console._log_dir, console._worker_output = True, None, None
+
+
+def quiet_command(tmp_path, verbose):
+    """What `xbt <command>` does before its first Ray call."""
+    console.setup(verbose=verbose)
+    log_dir = console.log_to(tmp_path / "run")
+    console.quiet_ray()
+    return log_dir
 
 
 def test_console_shows_project_lines_and_the_file_keeps_everything(tmp_path, capsys,
                                                                   restore_logging):
-    console.setup(verbose=False)
-    log_dir = console.log_to(tmp_path / "run")
+    log_dir = quiet_command(tmp_path, verbose=False)
     logging.getLogger("xbt_ray.pipeline").info("step stage1 done in 3.0 s")
     logging.getLogger("xbt_ray.data.paired").info("join details")
     logging.getLogger("xbt_ray.data.cache").warning("skipped 2 rows")
@@ -41,8 +66,7 @@ def test_console_shows_project_lines_and_the_file_keeps_everything(tmp_path, cap
 
 
 def test_verbose_console_shows_everything(tmp_path, capsys, restore_logging):
-    console.setup(verbose=True)
-    console.log_to(tmp_path / "run")
+    quiet_command(tmp_path, verbose=True)
     logging.getLogger("ray.xbt_test_library").info("Execution finished")
     logging.getLogger("xbt_ray.data.paired").info("join details")
     err = capsys.readouterr().err
@@ -67,8 +91,7 @@ def test_worker_output_goes_to_files_and_progress_lines_to_train_log(tmp_path):
 
 def test_errors_and_ray_train_warnings_still_reach_the_quiet_console(tmp_path, capsys,
                                                                     restore_logging):
-    console.setup(verbose=False)
-    console.log_to(tmp_path / "run")
+    quiet_command(tmp_path, verbose=False)
     logging.getLogger("ray.tune").error("Trial task failed: Traceback ...")
     logging.getLogger("ray.train").warning("worker group start-up timed out")
     logging.getLogger("ray.xbt_test_library").warning("a Ray Data notice")
