@@ -122,6 +122,11 @@ def test_byo_stage1_stage2_report_without_any_encoder(exports, tmp_path, mlflow_
     run = tmp_path / "runs" / "byo"
     stage2 = json.loads((run / "stage2_anchored" / "stage2.json").read_text())
     assert stage2["mode"] == "psi-only" and stage2["models_built"] is None
+    assert stage2["objective"] == "anchored"
+    assert stage2["trained_tensors"] and all(t.startswith("psi.") for t in
+                                             stage2["trained_tensors"])
+    data = stage2["data"]
+    assert data["rows_in"] == data["rows_used"] + sum(data["skipped"].values())
     joins = stage2["data"]["joins"]
     assert joins["new_pair_texts->new_pair_images"]["unmatched_left"] == 0
     assert not (run / "stage2" / "query_encoder.safetensors").exists()   # no model to export

@@ -3,6 +3,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from xbt_ray.pipeline import embed_step, resolve_sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,13 +125,21 @@ def _laion_tars(world_dir: Path, out: Path) -> int:
     return len(samples)
 
 
-def test_smoke_chain_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlflow_uri):
-    """The whole chain with training pairs as webdataset tars in LAION layout (one caption per
-    image, image_id = key), the tiny world's caption corpus and Karpathy eval split, and the
-    tiny models as local checkpoint files."""
+@pytest.mark.timeout(1500)   # the steps run inside the test (in a subprocess)
+def test_chain_to_stage2_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlflow_uri):
+    """`xbt stage2` with training pairs as webdataset tars in LAION layout (one caption per image,
+    image_id = key): the tars embedded with both models, stage 1, and an anchored LoRA stage 2
+    whose raw tar rows are joined with their cached old targets. The tiny models come as local
+    checkpoint files; the session chain's cache is shared, so its caption corpus and eval split
+    embeddings are reused (same checkpoint files, same shards) and only the tars are embedded.
+    (The evaluation does not depend on the pairs' layout: the session chain covers it.)"""
     import os
     import subprocess
     import sys
+
+    from xbt_ray.config import ModelConfig
+    from xbt_ray.data import cache, shards
+    from xbt_ray.data.embed import encoder_fingerprint
 
     config, _ = tiny_run
     world_dir = next((Path(config.cache_dir) / "world").iterdir())
@@ -139,20 +149,32 @@ def test_smoke_chain_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlflow_
     overrides = [f"data.image_text={tmp_path / 'tars'}", f"data.text={world_dir / 'text'}",
                  f"data.eval={world_dir / 'eval_split'}",
                  f"old.pretrained={models['old']}", f"new.pretrained={models['new']}",
-                 f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}",
+                 f"cache_dir={config.cache_dir}", f"output_dir={tmp_path / 'runs'}",
                  "run_name=laion", f"tracking.tracking_uri={mlflow_uri}",
-                 "tracking.experiment=test-laion"]
+                 "tracking.experiment=test-laion",
+                 "stage2.objective=anchored", "compare_anchored=false"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "xbt_ray.cli", "run", "--config",
+    done = subprocess.run([sys.executable, "-m", "xbt_ray.cli", "stage2", "--config",
                            str(ROOT / "xbt_ray" / "configs" / "tiny.yaml"), *overrides], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1400)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "runs" / "laion" / "report.json").read_text())
-    data = report["data"]
-    assert data["new_pair_images"]["rows_in"] == data["new_pair_texts"]["rows_in"] == n
-    assert data["new_pair_images"]["deduplicated"] == 0
-    assert {"xbt->old", "xbt-anchored->old", "procrustes-both->old"} <= {
-        r["method"] for r in report["rows"]}
+    tars = shards.list_shards(str(tmp_path / "tars"))
+    for which in ("old", "new"):
+        model = ModelConfig(name=getattr(config, which).name, pretrained=str(models[which]))
+        for modality in ("image", "text"):
+            counts = cache.completed_counts(cache.cache_path(
+                config.cache_dir, encoder_fingerprint(model, config.embed),
+                shards.dataset_fingerprint(tars), modality))
+            assert counts["rows_in"] == n and counts["deduplicated"] == 0, (which, modality)
+    driver_log = (tmp_path / "runs" / "laion" / "logs" / "driver.log").read_text()
+    assert "embedding cache hit" in driver_log   # the corpus and eval split: reused
+    summary = json.loads((tmp_path / "runs" / "laion" / "stage2" / "stage2.json").read_text())
+    assert (summary["objective"], summary["mode"]) == ("anchored", "lora")
+    data = summary["data"]
+    assert data["rows_in"] == n and data["rows_used"] > 0
+    assert data["rows_in"] == data["rows_used"] + sum(data["skipped"].values())
+    assert any("lora_" in t for t in summary["trained_tensors"])
+    assert (tmp_path / "runs" / "laion" / "stage2" / "query_encoder.safetensors").is_file()
 
 
 def test_second_run_reuses_world_models_and_embeddings(ray_session, tiny_run):

@@ -176,40 +176,6 @@ def test_anchored_stage2_in_the_chain_trained_lora_and_psi_on_cached_targets(tin
     assert (config.run_dir / "stage2_anchored" / QUERY_ENCODER).is_file()
 
 
-def test_anchored_psi_only_on_cached_embeddings(ray_session, tiny_run):
-    from xbt_ray.config import Stage2Config
-    from xbt_ray.data.cache import read_embeddings
-
-    config, _ = tiny_run
-    inputs = json.loads((config.run_dir / "eval_inputs.json").read_text())["support"]
-    read = read_embeddings
-    recipe = Stage2Config(objective="anchored", mode="psi-only", epochs=1, batch_size=64,
-                          psi_lr=1e-3, pair_weight=0.0)
-    out = config.run_dir / "psi-only-anchored"
-    new_texts = read(inputs["new_captions"][1])  # the pairs' captions (not the corpus)
-    new_images = read(inputs["new_images"])
-    # captions whose image was embedded (a broken image is skipped once, for all its captions)
-    pairs = int(np.isin(new_texts.image_ids, new_images.keys).sum())
-    summary = train_stage2(   # cache directories in: the joins run on the Ray Data workers
-        config.new, config.run_dir / "stage1", recipe, config.lora, config.stage1,
-        config.trainer, run_name="psi-only-anchored", storage_path=config.run_dir / "ray-train",
-        out_dir=out, seed=0,
-        pair_embeddings=(inputs["new_images"], inputs["new_captions"][1]),
-        anchor_embeddings=(inputs["old_images"], inputs["old_captions"][1]))
-    unjoined = len(new_texts) - pairs
-    assert {k: v for k, v in summary["data"].items() if k != "joins"} == {
-        "rows_in": len(new_texts), "rows_used": pairs,
-        "skipped": {"unjoined": unjoined} if unjoined else {}}
-    assert summary["data"]["joins"]["new_pair_texts->new_pair_images"]["joined"] == pairs
-    assert summary["trained_tensors"] and all(n.startswith("psi.") for n in
-                                              summary["trained_tensors"])
-    before, after = load_projector(config.run_dir / "stage1"), load_projector(out)
-    assert not torch.equal(before.linear.weight, after.linear.weight)
-    tokens = torch.from_numpy(shards.tokenize(["a red box"], config.new.name))
-    assert load_query_encoder(out / QUERY_ENCODER).encode_text(tokens).shape[1] == \
-        clip.embed_dim(config.old.name)
-
-
 def test_training_pairs_get_image_codes_and_carry_their_old_targets():
     import io
 

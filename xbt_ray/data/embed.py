@@ -124,7 +124,8 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
     counts go to `_shards/<shard>.json`; a re-submitted job keeps those shards' parts and embeds
     only the shards without one (parts of an interrupted shard are deleted first). Rows in =
     embedded + deduplicated + skipped, per shard and over the corpus; `_SUCCESS.json` is written
-    once every shard is done and the keys are checked unique (ConfigError otherwise).
+    once every shard is done and the keys are checked unique (ConfigError otherwise; images
+    grouped by `image_id` are unique by construction and not checked again).
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -165,7 +166,8 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
         raise RuntimeError(f"embedding job ended with {len(missing)} shards incomplete (e.g. "
                            f"{missing[0]}); re-submit it to embed them")
     counts = _total(list(finished.values()))
-    refuse_duplicate_keys(directory, files)
+    if not dedup:   # one row per image id (the group-by's key) is unique by construction
+        refuse_duplicate_keys(directory, files)
     cache.mark_complete(directory, counts)
     log.info("embedded %s/%s with %s: rows in %d = embedded %d + deduplicated %d (rows of an "
              "image already embedded) + skipped %d %s", modality, dataset_fp, model.name,
@@ -322,7 +324,8 @@ def shard_sizes(grouped) -> dict[int, tuple[int, int]]:
     the workers (one small row per shard reaches the driver)."""
     from ray.data.aggregate import Count, Sum
 
-    table = grouped.groupby("shard").aggregate(Count(), Sum("rows")).take_all()
+    table = (grouped.groupby("shard", num_partitions=paired.shuffle_partitions())
+             .aggregate(Count(), Sum("rows")).take_all())
     return {int(r["shard"]): (int(r["count()"]), int(r["sum(rows)"])) for r in table}
 
 
