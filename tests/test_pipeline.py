@@ -163,8 +163,13 @@ def test_chain_to_stage2_on_laion_layout_webdataset_tars(tiny_run, tmp_path, mlf
         for directory in found:
             counts = cache.completed_counts(directory)
             assert counts["rows_in"] == n and counts["deduplicated"] == 0, directory
-    driver_log = (tmp_path / "runs" / "laion" / "logs" / "driver.log").read_text()
-    assert "embedding cache hit" in driver_log   # the corpus and eval split: reused
+    hits = [line for line in (tmp_path / "runs" / "laion" / "logs" / "driver.log")
+            .read_text().splitlines() if "embedding cache hit" in line]
+    eval_dir = world_dir / "eval_split"
+    for files, modality in ((world_dir / "text", "text"), (eval_dir / "images", "image"),
+                            (eval_dir / "captions.parquet", "text")):
+        reused = f"/{shards.dataset_fingerprint(shards.list_shards(str(files)))}/{modality} ("
+        assert sum(reused in line for line in hits) == 2, (files, hits)   # old and new model
     summary = json.loads((tmp_path / "runs" / "laion" / "stage2" / "stage2.json").read_text())
     assert (summary["objective"], summary["mode"]) == ("anchored", "lora")
     data = summary["data"]
