@@ -1,4 +1,4 @@
-# make demo: create the environment, install, run the main job on the demo world.
+# make demo: create the environment, install (pip -qq: errors only), run the main job on the demo world.
 # make test: create the environment, install, lint (ruff), run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -qq -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,17 +9,19 @@ from xbt_ray import console
 
 @pytest.fixture
 def restore_logging():
-    """Undo what `setup`, `log_to` and `quiet_ray` change: root handlers and level, the Ray
-    loggers' handlers and propagation (Ray, once imported by another test module, has its own
-    console handler on "ray" and does not propagate), Ray's worker-output handlers."""
+    """Undo what `setup`, `log_to`, `quiet_ray` and `quiet_mlflow` change: root handlers and
+    level, the Ray and MLflow loggers' handlers and propagation (each library, once imported,
+    has its own console handler and does not propagate), Ray's worker-output handlers."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    ray_loggers = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate,
-                          logging.getLogger(name).level)
-                   for name in list(logging.Logger.manager.loggerDict)
-                   if name == "ray" or name.startswith("ray.")}
+    import mlflow  # noqa: F401  (installs its console handler, as in a pipeline run)
+
+    library_loggers = {name: (list(logging.getLogger(name).handlers),
+                              logging.getLogger(name).propagate, logging.getLogger(name).level)
+                       for name in list(logging.Logger.manager.loggerDict)
+                       if name.split(".")[0] in ("ray", "mlflow")}
     worker_handlers = list(dispatcher.handlers)
     yield
     for handler in list(root.handlers):
@@ -27,7 +29,7 @@ def restore_logging():
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
-    for name, (kept, propagate, lvl) in ray_loggers.items():
+    for name, (kept, propagate, lvl) in library_loggers.items():
         logger = logging.getLogger(name)
         logger.handlers[:] = kept
         logger.propagate, logger.level = propagate, lvl
@@ -63,6 +65,19 @@ def test_console_shows_project_lines_and_the_file_keeps_everything(tmp_path, cap
     for line in ("step stage1 done", "join details", "skipped 2 rows", "Execution finished",
                  "deprecation notice"):
         assert line in kept
+
+
+def test_mlflow_store_lines_go_to_the_file_not_the_console(tmp_path, capfd, restore_logging):
+    """MLflow prints through its own handler (set up when it is imported, on the process's
+    stderr: capfd, not capsys, sees it); after `quiet_mlflow` its lines reach driver.log only."""
+    log_dir = quiet_command(tmp_path, verbose=False)
+    console.quiet_mlflow()
+    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    logging.getLogger("mlflow.tracking").error("the tracking server refused the run")
+    err = capfd.readouterr().err
+    assert "Creating initial MLflow database tables" not in err
+    assert "the tracking server refused the run" in err
+    assert "Creating initial MLflow database tables" in (log_dir / "driver.log").read_text()
 
 
 def test_verbose_console_shows_everything(tmp_path, capsys, restore_logging):

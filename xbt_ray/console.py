@@ -112,6 +112,26 @@ def log_to(run_dir: Path) -> Path:
     return log_dir
 
 
+def _through_root(library: str) -> None:
+    """Make `library`'s loggers log through the root logger's handlers: a library that installs
+    its own console handler (Ray, MLflow) would otherwise print past the console's filter."""
+    for name in [n for n in logging.Logger.manager.loggerDict if _within(n, library)]:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers
+                        if isinstance(h, logging.StreamHandler)
+                        and not isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def quiet_mlflow() -> None:
+    """After `import mlflow`: its loggers (e.g. the store's "Creating initial MLflow database
+    tables" lines) go to driver.log, and to the console only as errors (or with `verbose`).
+    Does nothing before `log_to`."""
+    if _log_dir is not None:
+        _through_root("mlflow")
+
+
 def quiet_ray() -> None:
     """Around `ray.init`: Ray's driver-side loggers (Ray Data's included, imported here so its
     own console handler is in place to be removed) log through the root logger at INFO, and
@@ -122,13 +142,7 @@ def quiet_ray() -> None:
         return
     import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
 
-    for name in [n for n in logging.Logger.manager.loggerDict if _within(n, "ray")]:
-        logger = logging.getLogger(name)
-        for handler in [h for h in logger.handlers
-                        if isinstance(h, logging.StreamHandler)
-                        and not isinstance(h, logging.FileHandler)]:
-            logger.removeHandler(handler)
-        logger.propagate = True
+    _through_root("ray")
     logging.getLogger("ray.data").setLevel(logging.INFO)
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher

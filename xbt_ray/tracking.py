@@ -42,6 +42,9 @@ def start_run(config: Config):
     """Open (or create) the experiment and start this pipeline run; returns the active run."""
     import mlflow
 
+    from xbt_ray import console
+
+    console.quiet_mlflow()
     mlflow.set_tracking_uri(tracking_uri(config))
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
