@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("compare", help="the compatibility tables of MLflow runs side by side")
     p.add_argument("runs", nargs="+", help="MLflow run names or ids")
     p.add_argument("--experiment", help="experiment to look run names up in (default: all)")
+    p.add_argument("--spread", action="store_true",
+                   help="one line per method: each cell's median (min-max) over the runs "
+                        "(runs that differ only in their seed)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's "
                                           "tracking.tracking_uri, else sqlite mlflow.db here)")
     p.add_argument("--config", help="YAML config (its tracking.* section)")
@@ -178,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(config, args.space, args.num_samples)
         elif args.command == "compare":
             from xbt_ray import tracking
-            from xbt_ray.compare import compare_runs, format_comparison
+            from xbt_ray.compare import compare_runs, format_comparison, format_spread
 
-            print(format_comparison(compare_runs(
-                args.runs, args.tracking_uri or tracking.tracking_uri(config), args.experiment)))
+            tables = compare_runs(args.runs, args.tracking_uri or tracking.tracking_uri(config),
+                                  args.experiment)
+            print(format_spread(tables) if args.spread else format_comparison(tables))
         elif args.command == "world":
             from xbt_ray.pipeline import build_demo_world
 

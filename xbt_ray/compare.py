@@ -1,5 +1,7 @@
 """`xbt compare`: the compatibility tables of several MLflow runs (pipeline runs, sweep trials),
-lined up side by side (`compare_runs`, `format_comparison`)."""
+lined up side by side (`compare_runs`, `format_comparison`), or summarised over runs that differ
+only in their seed as the median and range of every cell (`spread`, `format_spread`; `xbt compare
+--spread`), which is how the README's demo table is made."""
 from __future__ import annotations
 
 import json
@@ -54,6 +56,7 @@ def _rows_from_metrics(metrics: dict) -> list[dict]:
         cells = metrics.get(f"{key}.cells_passed")
         row["cells_passed"] = None if cells is None else int(cells)
         gains = [metrics.get(f"{key}.gain.{d}.R1") for d in ("i2t", "t2i")]
+        row["gain_r1"] = dict(zip(("i2t", "t2i"), gains))
         row["primary"] = None if None in gains else float(np.mean(gains))
         out.append(row)
     return out
@@ -68,6 +71,7 @@ def _rows_from_report(report: dict) -> list[dict]:
         gains = [gain.get(d, {}).get("R1") for d in ("i2t", "t2i")]
         rows.append({"method": row["method"], "i2t": row["i2t"], "t2i": row["t2i"],
                      "rsum": row.get("rsum"), "cells_passed": cells_passed(row),
+                     "gain_r1": dict(zip(("i2t", "t2i"), gains)),
                      "primary": (None if not gain or None in gains else float(np.mean(gains)))})
     return rows
 
@@ -139,3 +143,52 @@ def format_comparison(tables: list[dict]) -> str:
                            else f"{row['cells_passed']}/{len(row['i2t']) + len(row['t2i'])}",
                            num(row["primary"], 3)])
     return "\n".join(markdown_table(header, body))
+
+
+def spread(tables: list[dict]) -> list[dict]:
+    """Per method present in every run (in the first run's order): each cell's median, min and
+    max over the runs, {"method", "cells": {name: (median, min, max) | None}}. Cells: "I2T R1"
+    ... "T2I R10" (recall in %), "RSUM", "gain I2T R1" / "gain T2I R1" (update gain at R@1) and
+    "cells ✓" (cells passing the strict criterion); None where a run lacks the value.
+    Raises ConfigError for fewer than two runs (no spread to show)."""
+    if len(tables) < 2:
+        raise ConfigError("a spread needs at least two runs")
+    by_run = [{r["method"]: r for r in t["rows"]} for t in tables]
+    out = []
+    for method in [r["method"] for r in tables[0]["rows"]]:
+        rows = [runs.get(method) for runs in by_run]
+        if any(r is None for r in rows):
+            continue
+        cells = {}
+        for name, value in _cells(rows[0]).items():
+            values = [_cells(r)[name] for r in rows]
+            cells[name] = (None if None in values else
+                           (float(np.median(values)), float(min(values)), float(max(values))))
+        out.append({"method": method, "cells": cells})
+    return out
+
+
+def _cells(row: dict) -> dict:
+    recalls = {f"{d.upper()} {m}": row[d].get(m) for d in ("i2t", "t2i") for m in row[d]}
+    gain = row.get("gain_r1") or {}
+    return {**recalls, "RSUM": row["rsum"], "gain I2T R1": gain.get("i2t"),
+            "gain T2I R1": gain.get("t2i"), "cells ✓": row["cells_passed"]}
+
+
+def format_spread(tables: list[dict]) -> str:
+    """Markdown: `spread(tables)` as "median (min–max)" per cell (recalls and RSUM with one
+    decimal, gains with two), under a line naming the runs."""
+    summary = spread(tables)
+    names = list(summary[0]["cells"]) if summary else []
+
+    def cell(name, value):
+        if value is None:
+            return "-"
+        digits = 2 if name.startswith("gain") else 0 if name == "cells ✓" else 1
+        median, low, high = (f"{v:.{digits}f}" for v in value)
+        return median if low == high else f"{median} ({low}–{high})"
+
+    body = [[s["method"]] + [cell(n, s["cells"][n]) for n in names] for s in summary]
+    runs = ", ".join(t["run"] for t in tables)
+    return "\n".join([f"median (min–max) over {len(tables)} runs: {runs}", ""]
+                     + markdown_table(["method"] + names, body))
