@@ -6,6 +6,7 @@ import pytest
 from xbt_ray.eval.report import (
     build_report,
     cells_passed,
+    console_summary,
     format_table,
     make_row,
     published_rows,
@@ -103,6 +104,36 @@ def test_markdown_sections_flips_fits_backfill_costs():
     assert "| xbt->old" in table and "44.5" in table and "45.5" in table
     assert "20,000" in table and "6,000 items" in table
     assert "Published" not in table  # demo data: no published numbers apply
+
+
+def test_console_shows_the_table_and_points_at_report_md_for_the_rest(tmp_path):
+    report = _full_report()
+    paths = write_report(report, tmp_path)
+    shown = console_summary(report, paths)
+    assert "| xbt->old" in shown and "72.5 ✓" in shown
+    assert "12.5" not in shown and "44.5" not in shown and "20,000" not in shown
+    assert f"flip rates and fits, partial backfill, cost: {paths['md']}" in shown
+    assert shown.endswith("\n        ".join(str(p) for p in paths.values()))
+    # report.md keeps every section the console leaves out
+    assert "12.5" in paths["md"].read_text(encoding="utf-8")
+
+
+def test_the_data_counts_list_only_joins_with_unmatched_rows():
+    from xbt_ray.pipeline import data_summary
+
+    full = {"joined": 500, "unmatched_left": 0, "unmatched_right": 0}
+    data = {"new_text": {"rows_in": 10, "rows_embedded": 8, "deduplicated": 0,
+                         "skipped": {"empty_caption": 2}},
+            "joins": {"old_images~new_images": full},
+            "stage2_anchored": {"joins": {"texts->images": {"joined": 90, "unmatched_left": 7,
+                                                            "unmatched_right": 0}}}}
+    lines = data_summary(data).splitlines()
+    assert lines[1].split() == ["new_text", "10", "=", "8", "+", "0", "+", "2",
+                                "{'empty_caption':", "2}"]
+    assert lines[2] == ("joins: 1 of 2 matched every row; the others: joined "
+                        "(unmatched left / right)")
+    assert lines[3].split() == ["stage2_anchored:", "texts->images", "90", "(7", "/", "0)"]
+    assert len(lines) == 4
 
 
 def test_csv_one_line_per_method():

@@ -113,7 +113,7 @@ def report(args, config) -> None:
     import mlflow
 
     from xbt_ray import tracking
-    from xbt_ray.eval.report import format_table, write_report
+    from xbt_ray.eval.report import console_summary, write_report
     from xbt_ray.eval.suite import evaluate, load_inputs
 
     inputs = load_inputs(args.inputs)
@@ -124,8 +124,7 @@ def report(args, config) -> None:
         tracking.log_report(result)
         for path in paths.values():
             mlflow.log_artifact(str(path))
-    print(format_table(result))
-    print("\nreport: " + "\n        ".join(str(p) for p in paths.values()))
+    print(console_summary(result, paths))
 
 
 def eval_data(args) -> None:

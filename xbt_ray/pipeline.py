@@ -391,7 +391,8 @@ def training_data_counts(config: Config) -> dict:
 
 
 def data_summary(data: dict) -> str:
-    """The run's row accounting, a line per embedding set and per join, for the console."""
+    """The run's row accounting for the console: a line per embedding set, and a line per join
+    that left rows unmatched (every join's counts are in report.json's `data`)."""
     lines = ["data: rows in = embedded + deduplicated + skipped"]
     for name, c in data.items():
         if isinstance(c, dict) and "rows_embedded" in c:
@@ -402,10 +403,12 @@ def data_summary(data: dict) -> str:
     for section in ("stage1", "stage2", "stage2_anchored"):
         joins |= {f"{section}: {k}": v for k, v in (data.get(section) or {}).get("joins",
                                                                                {}).items()}
+    partial = {name: c for name, c in joins.items() if c["unmatched_left"] or c["unmatched_right"]}
     if joins:
-        lines.append("joins: joined (unmatched left / right)")
+        lines.append(f"joins: {len(joins) - len(partial)} of {len(joins)} matched every row"
+                     + ("; the others: joined (unmatched left / right)" if partial else ""))
         lines += [f"  {name:<48} {c['joined']:>8} ({c['unmatched_left']} / "
-                  f"{c['unmatched_right']})" for name, c in joins.items()]
+                  f"{c['unmatched_right']})" for name, c in partial.items()]
     return "\n".join(lines)
 
 
@@ -423,7 +426,7 @@ def run_pipeline(config: Config, until: str = "evaluate", train: bool = True) ->
         raise ConfigError(f"unknown step '{until}', expected one of {STEPS}")
     import mlflow
 
-    from xbt_ray.eval.report import format_table, write_report
+    from xbt_ray.eval.report import console_summary, write_report
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -474,8 +477,7 @@ def run_pipeline(config: Config, until: str = "evaluate", train: bool = True) ->
             mlflow.log_artifact(str(path))
         run_id = mlflow.active_run().info.run_id
     print(data_summary(report["data"]))
-    print(format_table(report))
-    print("\nreport: " + "\n        ".join(str(p) for p in paths.values()))
+    print(console_summary(report, paths))
     print(f"MLflow run {run_id} in {tracking.tracking_uri(config)}\n"
           f"  open it with: mlflow ui --backend-store-uri {tracking.tracking_uri(config)} "
           f"--host 127.0.0.1 --port 5000")

@@ -67,9 +67,9 @@ def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
 
 
-def format_table(report) -> str:
-    """Markdown: the compatibility table (✓/✗ = strict criterion vs old->old), then flips and
-    baseline fits, partial backfill, costs, and published numbers where they apply."""
+def compatibility_table(report) -> str:
+    """Markdown: the title, the compatibility table (✓/✗ = strict criterion vs old->old) and the
+    note on rows left out: what the console shows of a report."""
     rows = report["rows"]
     metrics = list(rows[0]["i2t"]) if rows else ["R1", "R5", "R10"]
     first = metrics[0]
@@ -88,7 +88,14 @@ def format_table(report) -> str:
     note = data_note(report.get("data") or {})
     if note:
         out += ["", note]
+    return "\n".join(out)
 
+
+def format_table(report) -> str:
+    """Markdown, the whole report (report.md): `compatibility_table`, then flips and baseline
+    fits, partial backfill, costs, precision, and published numbers where they apply."""
+    rows = report["rows"]
+    out = [compatibility_table(report)]
     flipped = [r for r in rows if "flips" in r]
     if flipped:
         out += ["", "Flip rates at R@1 against old->old (PFR: newly right, NFR: newly wrong, "
@@ -223,6 +230,22 @@ def to_csv(report) -> str:
                 line[f"{k}_{d}"] = row["flips"][d][k] if "flips" in row else None
         writer.writerow(line)
     return buf.getvalue()
+
+
+def console_summary(report, paths: dict[str, Path]) -> str:
+    """What a command prints once a report is written: `compatibility_table`, where the rest of
+    the report is (flip rates, fits, backfill, cost, precision: report.md) and the files."""
+    rows = report["rows"]
+    sections = (("flip rates and fits", any("flips" in r for r in rows)),
+                ("partial backfill", bool(report.get("backfill"))),
+                ("cost", any("cost" in r for r in rows)),
+                ("precision", bool(report.get("precision"))))
+    rest = [name for name, present in sections if present]
+    lines = [compatibility_table(report), ""]
+    if rest:
+        lines.append(f"{', '.join(rest)}: {paths['md']}")
+    lines.append("report: " + "\n        ".join(str(p) for p in paths.values()))
+    return "\n".join(lines)
 
 
 def write_report(report, out_dir) -> dict[str, Path]:
