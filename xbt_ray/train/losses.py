@@ -5,7 +5,28 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_single_autograd
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Blocking all-gather whose backward sums each rank's gradient of its own slice over ranks
+    (an all-reduce of the gathered gradient, then this rank's rows). Both directions wait for
+    their collective, so no asynchronous work is in flight when Python frees a tensor; torch's
+    asynchronous functional collectives were in use when stage 2 died of heap corruption here
+    ("malloc(): unaligned tcache chunk detected", README "Known problems")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -13,13 +34,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     Without an initialised process group of more than one rank, `x` is returned unchanged.
     Every rank must pass a tensor of the same shape. The backward pass sums each rank's
-    gradient of its slice over ranks (a reduce-scatter), so a loss computed on the gathered
-    batch by every rank, averaged over ranks by DeepSpeed, gives the global batch's gradient.
-    (torch's functional collective; `torch.distributed.nn.all_gather` is deprecated.)
+    gradient of its slice over ranks, so a loss computed on the gathered batch by every rank,
+    averaged over ranks by DeepSpeed, gives the global batch's gradient. Blocking collectives
+    (`dist.all_gather`, `dist.all_reduce`); `torch.distributed.nn.all_gather` is deprecated.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 def gather_constant(x: torch.Tensor) -> torch.Tensor:
