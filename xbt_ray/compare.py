@@ -55,9 +55,7 @@ def _rows_from_metrics(metrics: dict) -> list[dict]:
         row["rsum"] = metrics.get(f"{key}.rsum")
         cells = metrics.get(f"{key}.cells_passed")
         row["cells_passed"] = None if cells is None else int(cells)
-        gains = [metrics.get(f"{key}.gain.{d}.R1") for d in ("i2t", "t2i")]
-        row["gain_r1"] = dict(zip(("i2t", "t2i"), gains))
-        row["primary"] = None if None in gains else float(np.mean(gains))
+        row["gain_r1"] = {d: metrics.get(f"{key}.gain.{d}.R1") for d in ("i2t", "t2i")}
         out.append(row)
     return out
 
@@ -68,11 +66,9 @@ def _rows_from_report(report: dict) -> list[dict]:
     rows = []
     for row in report["rows"]:
         gain = row.get("update_gain") or {}
-        gains = [gain.get(d, {}).get("R1") for d in ("i2t", "t2i")]
         rows.append({"method": row["method"], "i2t": row["i2t"], "t2i": row["t2i"],
                      "rsum": row.get("rsum"), "cells_passed": cells_passed(row),
-                     "gain_r1": dict(zip(("i2t", "t2i"), gains)),
-                     "primary": (None if not gain or None in gains else float(np.mean(gains)))})
+                     "gain_r1": {d: gain.get(d, {}).get("R1") for d in ("i2t", "t2i")}})
     return rows
 
 
@@ -141,8 +137,14 @@ def format_comparison(tables: list[dict]) -> str:
                         + [num(row["rsum"]),
                            "-" if row["cells_passed"] is None
                            else f"{row['cells_passed']}/{len(row['i2t']) + len(row['t2i'])}",
-                           num(row["primary"], 3)])
+                           num(_primary(row), 3)])
     return "\n".join(markdown_table(header, body))
+
+
+def _primary(row: dict) -> float | None:
+    """The sweep's primary metric: the mean R@1 update gain over both directions."""
+    gains = list(row["gain_r1"].values())
+    return None if None in gains else float(np.mean(gains))
 
 
 def spread(tables: list[dict]) -> list[dict]:
@@ -170,7 +172,7 @@ def spread(tables: list[dict]) -> list[dict]:
 
 def _cells(row: dict) -> dict:
     recalls = {f"{d.upper()} {m}": row[d].get(m) for d in ("i2t", "t2i") for m in row[d]}
-    gain = row.get("gain_r1") or {}
+    gain = row["gain_r1"]
     return {**recalls, "RSUM": row["rsum"], "gain I2T R1": gain.get("i2t"),
             "gain T2I R1": gain.get("t2i"), "cells ✓": row["cells_passed"]}
 

@@ -16,14 +16,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
         ctx.rows = x.shape[0]
-        return torch.cat(parts, dim=0)
+        return gather_constant(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         start = dist.get_rank() * ctx.rows
         return grad[start:start + ctx.rows]
