@@ -4,7 +4,20 @@ import pytest
 
 from xbt_ray.config import ConfigError
 from xbt_ray.data.cache import Embeddings
-from xbt_ray.eval.backfill import auc, backfill_curve, backfill_report, upgrade_order
+from xbt_ray.eval.backfill import (
+    SCORE_BINS,
+    auc,
+    backfill_curve,
+    backfill_report,
+    calibration_folds,
+    cross_fitted_calibration,
+    fit_platt,
+    merged_ranks,
+    migration_report,
+    score_calibration,
+    score_histograms,
+    upgrade_order,
+)
 from xbt_ray.eval.baselines import (
     Support,
     fit_baselines,
@@ -12,6 +25,7 @@ from xbt_ray.eval.baselines import (
     ridge_map,
     slerp,
 )
+from xbt_ray.eval.retrieval import recall_at_k
 
 
 def _rotation(d, seed):
@@ -217,3 +231,112 @@ def test_backfill_report_structure_and_endpoints():
         # both orders start at the all-old gallery and end at the all-upgraded one
         assert out["r1"][d]["random"][0] == out["r1"][d]["distance"][0]
         assert out["r1"][d]["random"][-1] == out["r1"][d]["distance"][-1]
+
+
+# --- migration to the new model: score calibration and merged search --------------------------
+
+def test_platt_fit_hand_computed():
+    # score 1: 3 genuine, 1 impostor (p = 3/4); score 0: 1 genuine, 3 impostors (p = 1/4).
+    # Two points, two parameters: the fit is exact, intercept = logit(1/4) = -ln 3 and
+    # slope = logit(3/4) - logit(1/4) = 2 ln 3 (up to the 1e-6 slope penalty).
+    slope, intercept = fit_platt(np.array([0.0, 1.0]), np.array([1, 3]), np.array([3, 1]))
+    assert slope == pytest.approx(2 * np.log(3), rel=1e-4)
+    assert intercept == pytest.approx(-np.log(3), rel=1e-4)
+    with pytest.raises(ValueError, match="0 genuine"):
+        fit_platt(np.array([0.0, 1.0]), np.array([0, 0]), np.array([3, 1]))
+
+
+def test_score_histograms_count_every_pair():
+    # scores: q_a vs (g_a, g_b, g_c) = (1, 0.6, 0); q_b vs them = (0, 0.8, 1)
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    g = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    genuine, impostor = score_histograms(q, g, ["a", "b"], ["a", "b", "c"])
+    assert genuine.sum() == 2 and impostor.sum() == 4
+    bin_of = lambda s: min(int((s + 1) * SCORE_BINS / 2), SCORE_BINS - 1)  # noqa: E731
+    assert genuine[bin_of(1.0)] == 1 and genuine[bin_of(0.8)] == 1
+    assert impostor[bin_of(0.0)] == 2 and impostor[bin_of(0.6)] == 1 and impostor[bin_of(1.0)] == 1
+
+
+def test_score_calibration_recovers_a_logistic_model_and_refuses_a_useless_space():
+    # one query per id against a gallery of 400 ids: genuine cosines near 0.6, impostors near 0
+    rng = np.random.default_rng(0)
+    n, d = 400, 64
+    g = _unit(rng.standard_normal((n, d)))
+    q = _unit(0.75 * g + 0.66 * _unit(rng.standard_normal((n, d))))  # cos(q_i, g_i) ~ 0.75
+    ids = np.arange(n).astype(str)
+    slope, intercept = score_calibration(q, g, ids, ids)
+    genuine, impostor = score_histograms(q, g, ids, ids)
+    centres = -1 + (np.arange(SCORE_BINS) + 0.5) * (2 / SCORE_BINS)
+    p = 1 / (1 + np.exp(-(slope * centres + intercept)))
+    # maximum (penalised) likelihood: predicted genuine pairs = observed, overall, and
+    # score-weighted up to the penalty's gradient
+    assert (genuine + impostor) @ p == pytest.approx(genuine.sum(), rel=1e-3)
+    ridge = 1e-6 * (genuine + impostor).sum()                 # the slope's penalty
+    assert (genuine - (genuine + impostor) * p) @ centres == pytest.approx(2 * ridge * slope,
+                                                                          rel=1e-3)
+    assert slope > 0
+    with pytest.raises(ValueError, match="do not score above impostors"):
+        score_calibration(q, -g, ids, ids)               # genuine pairs score lowest
+
+
+def test_calibration_is_cross_fitted_on_the_other_fold():
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(20).astype(str), 2)     # two queries per id
+    g = rng.standard_normal((20, 4))
+    q = g[ids.astype(int)] + rng.standard_normal((40, 4))   # near their own item
+    g_ids = np.arange(20).astype(str)
+    folds = calibration_folds(ids, seed=1)
+    assert set(folds) == {0, 1} and (folds[::2] == folds[1::2]).all()  # an id's queries together
+    (scale, shift), fits = cross_fitted_calibration(q, g, ids, g_ids, folds)
+    for fold in (0, 1):
+        other = folds != fold
+        want = score_calibration(q[other], g, ids[other], g_ids)
+        assert (fits[fold]["slope"], fits[fold]["intercept"]) == pytest.approx(want)
+        np.testing.assert_allclose(scale[folds == fold], want[0], rtol=1e-6)
+        np.testing.assert_allclose(shift[folds == fold], want[1], rtol=1e-6)
+
+
+def test_merged_ranks_compare_calibrated_scores():
+    # one query (id a); item a re-embedded (new space), item b not (old space).
+    # raw scores: new cos(q, a) = 0.5, method cos(q, b) = 0.7 -> b first, a miss.
+    new_q, method_q = np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]])
+    new_g = np.array([[0.5, np.sqrt(0.75)], [0.0, 1.0]])
+    old_g = np.array([[0.0, 1.0], [0.7, np.sqrt(0.51)]])
+    upgraded = np.array([True, False])
+    one = (np.array([1.0]), np.array([0.0]))
+    ranks = merged_ranks(new_q, method_q, new_g, old_g, upgraded, one, one, ["a"], ["a", "b"])
+    assert ranks.tolist() == [1]
+    # calibrated: new 2 * 0.5 = 1.0 beats method 0.7 -> a hit
+    doubled = (np.array([2.0]), np.array([0.0]))
+    ranks = merged_ranks(new_q, method_q, new_g, old_g, upgraded, doubled, one, ["a"], ["a", "b"])
+    assert ranks.tolist() == [0]
+    # a shift works the same way: method 0.7 - 0.3 = 0.4 < new 0.5
+    lowered = (np.array([1.0]), np.array([-0.3]))
+    ranks = merged_ranks(new_q, method_q, new_g, old_g, upgraded, one, lowered, ["a"], ["a", "b"])
+    assert ranks.tolist() == [0]
+
+
+def test_migration_runs_from_the_method_on_the_old_gallery_to_new_new():
+    keys, caps, img_new, cap_new, img_old, cap_old, w = _world(n_images=30)
+    img_q, cap_q = _unit(img_new @ w), _unit(cap_new @ w)
+    ids, cap_ids = np.array(keys), np.array(keys)
+    out = migration_report(img_q, cap_q, img_new, cap_new, img_old, cap_old, ids, cap_ids,
+                           points=5)
+    ends = {"i2t": (recall_at_k(img_q, cap_old, ids, cap_ids, (1,))[1],
+                    recall_at_k(img_new, cap_new, ids, cap_ids, (1,))[1]),
+            "t2i": (recall_at_k(cap_q, img_old, cap_ids, ids, (1,))[1],
+                    recall_at_k(cap_new, img_new, cap_ids, ids, (1,))[1])}
+    for d, (method_old, new_new) in ends.items():
+        curve = out["r1"][d]
+        assert len(curve) == 5 and curve[0] == method_old and curve[-1] == new_new
+        assert out["auc"][d] == pytest.approx(auc(out["fractions"], curve))
+        assert len(out["calibration"][d]["new"]) == 2 and len(out["calibration"][d]["method"]) == 2
+
+
+def test_a_migration_direction_that_cannot_be_calibrated_is_skipped_with_its_reason():
+    keys, caps, img_new, cap_new, img_old, cap_old, w = _world(n_images=30)
+    img_q, cap_q = _unit(img_new @ w), -_unit(cap_new @ w)  # caption queries point away
+    ids = np.array(keys)
+    out = migration_report(img_q, cap_q, img_new, cap_new, img_old, cap_old, ids, ids, points=3)
+    assert set(out["r1"]) == {"i2t"} and set(out["auc"]) == {"i2t"}
+    assert "do not score above impostors" in out["skipped"]["t2i"]

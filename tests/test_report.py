@@ -91,7 +91,10 @@ def _full_report():
         "fractions": [0.0, 0.5, 1.0],
         "r1": {d: {"random": [40.0, 45.0, 48.0], "distance": [40.0, 47.0, 48.0]}
                for d in ("i2t", "t2i")},
-        "auc": {d: {"random": 44.5, "distance": 45.5} for d in ("i2t", "t2i")}}}
+        "auc": {d: {"random": 44.5, "distance": 45.5} for d in ("i2t", "t2i")},
+        "migration": {"fractions": [0.0, 0.5, 1.0], "r1": {d: [40.0, 52.0, 60.0]
+                                                           for d in ("i2t", "t2i")},
+                      "auc": {d: 51.0 for d in ("i2t", "t2i")}}}}
     return report
 
 
@@ -101,7 +104,10 @@ def test_markdown_sections_flips_fits_backfill_costs():
              if line.startswith("| xbt->old") and "12.5" in line]
     assert [c.strip() for c in flips[0]] == ["xbt->old", "12.5", "2.0", "3.0", "1.0", "-"]
     assert "support=both, alpha=0.3" in table
-    assert "| xbt->old" in table and "44.5" in table and "45.5" in table
+    backfill = [line.split("|")[1:-1] for line in table.splitlines()
+                if line.startswith("| xbt->old") and "44.5" in line]
+    assert [c.strip() for c in backfill[0]] == ["xbt->old", "44.5", "45.5", "44.5", "45.5",
+                                                 "48.0", "48.0", "51.0", "51.0"]
     assert "20,000" in table and "6,000 items" in table
     assert "Published" not in table  # demo data: no published numbers apply
 

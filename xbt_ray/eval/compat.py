@@ -3,7 +3,8 @@
 Queries of each method are scored against the OLD gallery (old image embeddings for T2I, old
 caption embeddings for I2T); `old->old` is the floor and `new->new` (gallery re-embedded, i.e. a
 full backfill) the ceiling. Beside the methods under test run the closed-form baselines (fitted
-on a support set), flip rates against old->old, and partial-backfill curves.
+on a support set), flip rates against old->old, and partial-backfill curves: in the old space,
+and the migration to the new model (xbt_ray.eval.backfill).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from xbt_ray.config import ConfigError, EvalConfig
 from xbt_ray.data.cache import Embeddings, as_ids
 from xbt_ray.data.join import join, same_items
 from xbt_ray.eval import methods
-from xbt_ray.eval.backfill import backfill_report
+from xbt_ray.eval.backfill import backfill_report, migration_report
 from xbt_ray.eval.baselines import Support, fit_baselines
 from xbt_ray.eval.report import build_report, make_row
 from xbt_ray.eval.retrieval import cell_of, direction_ranks, flip_rates
@@ -166,6 +167,9 @@ def compatibility_report(split: EvalSplit, queries: dict[str, tuple[np.ndarray, 
             report["backfill"][method] = backfill_report(
                 img_q, cap_q, old_img, old_cap, img_q, cap_q, ids, cap_ids,
                 cfg.backfill_points, seed, cfg.max_chunk_mib)
+            report["backfill"][method]["migration"] = migration_report(
+                img_q, cap_q, split.new_images.emb, split.new_captions.emb, old_img, old_cap,
+                ids, cap_ids, cfg.backfill_points, seed, cfg.max_chunk_mib)
     if costs and "full_backfill" in costs:
         report["full_backfill"] = costs["full_backfill"]
     return report

@@ -47,7 +47,8 @@ def compatibility_heatmap(report: dict, path: Path) -> None:
 
 
 def backfill_curves(report: dict, path: Path) -> None:
-    """R@1 against the re-embedded gallery fraction, per direction, method and order."""
+    """R@1 against the re-embedded gallery fraction, per direction, method and order, and
+    each method's migration to the new model (markers)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     rows = {r["method"]: r for r in report["rows"]}
@@ -56,6 +57,10 @@ def backfill_curves(report: dict, path: Path) -> None:
             for order, style in (("random", "-"), ("distance", "--")):
                 ax.plot(bf["fractions"], bf["r1"][d][order], style,
                         label=f"{method} ({order}, AUC {bf['auc'][d][order]:.1f})")
+            to_new = bf.get("migration", {})
+            if d in to_new.get("r1", {}):
+                ax.plot(to_new["fractions"], to_new["r1"][d], "-o", markersize=3,
+                        label=f"{method} -> new->new (AUC {to_new['auc'][d]:.1f})")
         for ref in methods.REFERENCES:
             if ref in rows:
                 ax.axhline(rows[ref][d]["R1"], color="grey", linestyle=":", linewidth=1)

@@ -107,15 +107,22 @@ def format_table(report) -> str:
                                        if not isinstance(v, dict)) or "-"]
                           for r in flipped])
     if report.get("backfill"):
-        out += ["", "Partial backfill: R@1 AUC over the re-embedded gallery fraction "
-                "(random order / most-changed first):", ""]
+        out += ["", "Partial backfill: R@1 AUC over the re-embedded gallery fraction. In the old "
+                "space: the method's embeddings of gallery items (random order / most-changed "
+                "first). To new: the migration to the new model, re-embedded items searched "
+                "with the native new query, the rest with the method's query, merged by "
+                "calibrated score (random order; ends at new->new):", ""]
         body = []
         for method, bf in report["backfill"].items():
+            to_new = bf.get("migration")
             body.append([method] + [f"{bf['auc'][d][o]:.1f}" for d in DIRECTIONS
                                     for o in ("random", "distance")]
-                        + [f"{bf['r1'][d]['random'][-1]:.1f}" for d in DIRECTIONS])
+                        + [f"{bf['r1'][d]['random'][-1]:.1f}" for d in DIRECTIONS]
+                        + [f"{to_new['auc'][d]:.1f}" if d in (to_new or {}).get("auc", {})
+                           else "-" for d in DIRECTIONS])
         out += markdown_table(["method", "I2T AUC random", "I2T AUC distance", "T2I AUC random",
-                          "T2I AUC distance", "I2T R1 at 100%", "T2I R1 at 100%"], body)
+                               "T2I AUC distance", "I2T R1 at 100%", "T2I R1 at 100%",
+                               "I2T AUC to new", "T2I AUC to new"], body)
     costed = [r for r in rows if "cost" in r]
     if costed:
         out += ["", "Cost: old-model forward passes each method needed (training and support "

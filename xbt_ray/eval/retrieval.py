@@ -25,7 +25,7 @@ def unit_rows(x) -> np.ndarray:
     return _unit(x).numpy()
 
 
-def _codes(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def id_codes(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Map (string or int) ids to shared integer codes."""
     q, g = np.asarray(query_ids), np.asarray(gallery_ids)
     _, codes = np.unique(np.concatenate([q, g]), return_inverse=True)
@@ -62,9 +62,18 @@ def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float =
     if len(q) != len(query_ids) or len(g) != len(gallery_ids):
         raise ValueError(f"ids do not match embeddings: {len(q)} queries/{len(query_ids)} ids, "
                          f"{len(g)} gallery/{len(gallery_ids)} ids")
-    if len(q) == 0:
+    return score_ranks(lambda rows: q[rows] @ g.T, query_ids, gallery_ids, max_chunk_mib,
+                       query_keys)
+
+
+def score_ranks(scores_of, query_ids, gallery_ids, max_chunk_mib: float = 256,
+                query_keys=None) -> np.ndarray:
+    """`query_ranks` for any score: `scores_of(rows)` returns the float32 scores of the queries
+    in slice `rows` against every gallery item, a (len(rows), len(gallery_ids)) tensor (higher
+    is better). Ranks, chunking and errors as in `query_ranks`."""
+    if len(query_ids) == 0:
         raise ValueError("no queries to evaluate")
-    q_codes, g_codes = _codes(query_ids, gallery_ids)
+    q_codes, g_codes = id_codes(query_ids, gallery_ids)
     n_codes = int(torch.cat([q_codes, g_codes]).max()) + 1
     # correct gallery items of each id, as slices of `order` (gallery indices grouped by id)
     order = torch.argsort(g_codes, stable=True)
@@ -74,23 +83,25 @@ def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float =
     orphans = np.flatnonzero((n_correct == 0).numpy())
     if len(orphans):
         first = orphans[0]
-        raise ValueError(f"{len(orphans)} of {len(q)} queries have no correct gallery item "
-                         f"(e.g. query {_sample(query_keys, first)}with id "
+        raise ValueError(f"{len(orphans)} of {len(q_codes)} queries have no correct gallery "
+                         f"item (e.g. query {_sample(query_keys, first)}with id "
                          f"{_item(query_ids, first)!r}); join queries to the gallery "
                          "first (xbt_ray.data.join) to drop or count them")
     offsets = torch.arange(int(n_correct.max()))
 
-    ranks = torch.empty(len(q), dtype=torch.int64)
-    step = chunk_rows(len(g), max_chunk_mib)
-    for start in range(0, len(q), step):
-        codes = q_codes[start:start + step]
-        scores = q[start:start + step] @ g.T
+    n_gallery = len(g_codes)
+    ranks = torch.empty(len(q_codes), dtype=torch.int64)
+    step = chunk_rows(n_gallery, max_chunk_mib)
+    for start in range(0, len(q_codes), step):
+        rows = slice(start, start + step)
+        codes = q_codes[rows]
+        scores = scores_of(rows)
         valid = offsets[None, :] < counts[codes][:, None]
-        slots = (starts[codes][:, None] + offsets[None, :]).clamp(max=len(g) - 1)
+        slots = (starts[codes][:, None] + offsets[None, :]).clamp(max=n_gallery - 1)
         correct = scores.gather(1, order[slots]).masked_fill(~valid, float("-inf"))
         best = correct.max(dim=1).values
         at_or_above = (scores >= best[:, None]).sum(dim=1)
-        ranks[start:start + step] = at_or_above - (correct >= best[:, None]).sum(dim=1)
+        ranks[rows] = at_or_above - (correct >= best[:, None]).sum(dim=1)
     return ranks.numpy()
 
 
