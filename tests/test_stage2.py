@@ -182,7 +182,8 @@ def test_training_pairs_get_image_codes_and_carry_their_old_targets():
     from PIL import Image
 
     from xbt_ray.data.paired import image_codes
-    from xbt_ray.train.stage2 import OLD_IMAGES, OLD_TEXTS, decode_training_pairs
+    from xbt_ray.data.shards import decode_training_pairs
+    from xbt_ray.train.stage2 import OLD_IMAGES, OLD_TEXTS
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
@@ -192,7 +193,7 @@ def test_training_pairs_get_image_codes_and_carry_their_old_targets():
              "jpg": np.array([buf.getvalue()] * 3, dtype=object),
              "txt": np.array([b"a red box", b"a blue ring", b""], dtype=object),
              OLD_IMAGES: targets, OLD_TEXTS: targets + 10}
-    out = decode_training_pairs(batch, 16, "xbt-test-new")
+    out = decode_training_pairs(batch, 16, "xbt-test-new", carry=[OLD_IMAGES, OLD_TEXTS])
     assert out["skip_reason"].tolist() == ["", "", "empty_caption"]
     np.testing.assert_array_equal(out[OLD_IMAGES], targets)        # row for row
     np.testing.assert_array_equal(out[OLD_TEXTS], targets + 10)

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,14 @@ import torch.nn.functional as F
 
 from xbt_ray.config import EmbedConfig, ModelConfig
 from xbt_ray.data import cache, paired, shards
+from xbt_ray.data.embed_stages import (
+    decode_images,
+    drop_shards,
+    first_image,
+    passthrough,
+    prepare_texts,
+    write_embedded,
+)
 from xbt_ray.models import clip
 from xbt_ray.models.query_encoder import encoder_identity, load_encoder
 
@@ -39,7 +46,7 @@ class Encoder:
     torch.autocast; its output is normalised again in float32. A batch holds `key`,
     `image_id`, `skip_reason` (str; "" = valid) and `pixels` (B, H, W, 3) uint8 or `tokens`
     (B, context) int64; out come `key`, `image_id`, `skip_reason`, `emb` (B, dim) float32 with
-    zero rows where a row was skipped, and the columns `_passthrough` keeps.
+    zero rows where a row was skipped, and the columns `passthrough` keeps.
     """
 
     def __init__(self, model: ModelConfig, modality: str, threads: int, precision: str = "auto"):
@@ -63,7 +70,7 @@ class Encoder:
         emb = np.zeros((len(valid), self.dim), dtype=np.float32)
         emb[valid] = F.normalize(feats.float(), dim=-1).cpu().numpy()
         return {"key": batch["key"], "image_id": batch["image_id"], "emb": emb,
-                "skip_reason": batch["skip_reason"], **_passthrough(batch)}
+                "skip_reason": batch["skip_reason"], **passthrough(batch)}
 
 
 @dataclass
@@ -146,7 +153,7 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
         ds = one_row_per_image(shards.read_rows(files, columns, shard_of=files))
         expected = shard_sizes(ds)
         if finished:
-            ds = ds.map_batches(_drop_shards, fn_kwargs={"done": sorted(finished)},
+            ds = ds.map_batches(drop_shards, fn_kwargs={"done": sorted(finished)},
                                 batch_format="pyarrow", batch_size=None)
     else:
         ds = shards.read_rows([files[i] for i in pending], columns, shard_of=files)
@@ -182,10 +189,10 @@ def _embed_pending(ds, modality, model, cfg, directory, meta, expected, finished
     import ray.data
 
     if modality == "image":
-        ds = ds.map_batches(_decode_images, fn_kwargs={"size": clip.image_size(model.name)},
+        ds = ds.map_batches(decode_images, fn_kwargs={"size": clip.image_size(model.name)},
                             batch_size=cfg.batch_size, num_cpus=shards.CPU_STAGE_NUM_CPUS)
     else:
-        ds = ds.map_batches(_prepare_texts, fn_kwargs={"model_name": model.name},
+        ds = ds.map_batches(prepare_texts, fn_kwargs={"model_name": model.name},
                             batch_size=cfg.batch_size, num_cpus=shards.CPU_STAGE_NUM_CPUS)
     ds = ds.map_batches(
         Encoder,
@@ -213,51 +220,6 @@ def _embed_pending(ds, modality, model, cfg, directory, meta, expected, finished
             finished[i] = _mark_shard(directory, i, {
                 "rows_in": got["rows_in"], "rows_embedded": got["rows_embedded"],
                 "skipped": dict(got["skipped"])})
-
-
-def write_embedded(batch: dict, directory: str, meta: dict, dtype: str) -> dict:
-    """Ray Data write stage: the block's valid rows go to one cache part per input shard
-    (`part-<shard:05d>-<random>.parquet`); out come counts per shard: items (rows of this
-    stage), rows_in (input rows they stand for: a deduplicated image stands for its captions'
-    rows), rows_embedded and skipped (JSON {reason: n})."""
-    reasons = np.asarray(batch["skip_reason"])
-    shard = np.asarray(batch["shard"])
-    rows = np.asarray(batch["rows"]) if "rows" in batch else np.ones(len(shard), np.int64)
-    out = {"shard": [], "items": [], "rows_in": [], "rows_embedded": [], "skipped": []}
-    for i in np.unique(shard):
-        mine = shard == i
-        valid = mine & (reasons == "")
-        if valid.any():
-            cache.write_part(Path(directory), f"{int(i):05d}-{uuid.uuid4().hex[:12]}",
-                             batch["key"][valid], batch["image_id"][valid], batch["emb"][valid],
-                             meta, dtype)
-        out["shard"].append(int(i))
-        out["items"].append(int(mine.sum()))
-        out["rows_in"].append(int(rows[mine].sum()))
-        out["rows_embedded"].append(int(valid.sum()))
-        out["skipped"].append(json.dumps(Counter(r for r in reasons[mine] if r)))
-    return {k: np.array(v) for k, v in out.items()}
-
-
-def _drop_shards(table, done: list[int]):
-    """Ray Data UDF: the rows of shards not in `done`."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return table.filter(pc.invert(pc.is_in(table.column("shard"), pa.array(done, pa.int64()))))
-
-
-def _passthrough(batch: dict) -> dict:
-    """The columns the write stage needs that the CPU stage does not produce."""
-    return {k: batch[k] for k in ("shard", "rows") if k in batch}
-
-
-def _decode_images(batch: dict, size: int) -> dict:
-    return shards.decode_images(batch, size) | _passthrough(batch)
-
-
-def _prepare_texts(batch: dict, model_name: str) -> dict:
-    return shards.prepare_texts(batch, model_name) | _passthrough(batch)
 
 
 SHARDS_DIR = "_shards"
@@ -316,7 +278,7 @@ def one_row_per_image(ds):
     a rerun assigns every image to the same shard). Materialised: the per-shard sizes need the
     grouping to have run; the blocks stay in the object store (spilled to disk when large)."""
     return (ds.groupby("image_id", num_partitions=paired.shuffle_partitions())
-            .map_groups(_first_image, batch_format="pyarrow").materialize())
+            .map_groups(first_image, batch_format="pyarrow").materialize())
 
 
 def shard_sizes(grouped) -> dict[int, tuple[int, int]]:
@@ -327,25 +289,6 @@ def shard_sizes(grouped) -> dict[int, tuple[int, int]]:
     table = (grouped.groupby("shard", num_partitions=paired.shuffle_partitions())
              .aggregate(Count(), Sum("rows")).take_all())
     return {int(r["shard"]): (int(r["count()"]), int(r["sum(rows)"])) for r in table}
-
-
-def _first_image(group):
-    """map_groups UDF: of the group's rows with image bytes (else all of them), the one with
-    the lowest (shard, key), keyed by the image id, with the group's row count."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    present = pc.is_valid(group.column("jpg")).to_numpy(zero_copy_only=False)
-    shard = group.column("shard").to_numpy()
-    keys = np.array(group.column("key").to_pylist(), dtype=object)
-    candidates = np.flatnonzero(present) if present.any() else np.arange(len(group))
-    first = min(candidates, key=lambda i: (shard[i], keys[i]))
-    image_id = group.column("image_id")[int(first)].as_py()
-    return pa.table({"key": pa.array([image_id], pa.string()),
-                     "image_id": pa.array([image_id], pa.string()),
-                     "jpg": group.column("jpg").slice(int(first), 1),
-                     "shard": pa.array([int(shard[first])], pa.int64()),
-                     "rows": pa.array([len(group)], pa.int64())})
 
 
 def refuse_duplicate_keys(directory: Path, files: list[str]) -> None:

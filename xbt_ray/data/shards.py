@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import open_clip
 from PIL import Image
 
 from xbt_ray.config import ConfigError
+from xbt_ray.data import paired
 
 # Decompression-bomb guard: refuse images whose pixel count exceeds this.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -356,6 +356,8 @@ def _tokenizer(model_name: str):
     from xbt_ray.models.clip import register_demo_configs
 
     register_demo_configs()
+    import open_clip  # here, not at the top: importing it costs seconds in every Ray worker
+
     return open_clip.get_tokenizer(model_name)
 
 
@@ -376,6 +378,17 @@ def decode_pairs(batch: dict, size: int, model_name: str) -> dict:
     """Ray Data batch UDF for image-text training pairs: pixels, tokens, skip_reason."""
     out = decode_images(batch, size, with_captions=True)
     out["tokens"] = tokenize(list(out.pop("txt")), model_name)
+    return out
+
+
+def decode_training_pairs(batch: dict, size: int, model_name: str, carry=()) -> dict:
+    """Ray Data batch UDF for stage 2's pairs: `decode_pairs`, plus `image_code` (a stable int64
+    hash of the image id, paired.image_codes: captions of one image are positives of each other)
+    and the `carry` columns passed through row for row (the anchored targets)."""
+    out = decode_pairs(batch, size, model_name)
+    out["image_code"] = paired.image_codes(batch["image_id"])
+    for name in carry:
+        out[name] = batch[name]
     return out
 
 

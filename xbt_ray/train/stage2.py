@@ -105,18 +105,6 @@ def _build_module(job: Stage2Job):
     return AdaptedTowers(adapted, psi, job.lora.text_tower), adapted
 
 
-def decode_training_pairs(batch: dict, size: int, model_name: str) -> dict:
-    """Ray Data UDF: decode pairs (pixels, tokens, skip_reason) and add `image_code` (a stable
-    int64 hash of the image id: captions of one image are positives of each other); the
-    anchored targets, when the rows carry them, pass through."""
-    out = shards.decode_pairs(batch, size, model_name)
-    out["image_code"] = paired.image_codes(batch["image_id"])
-    for name in (OLD_IMAGES, OLD_TEXTS):
-        if name in batch:
-            out[name] = batch[name]
-    return out
-
-
 def anchor_targets(old_images: str | Path, old_texts: str | Path, out_dir: Path):
     """Cached old embeddings of each training caption, joined on the workers and written as a
     paired cache: its own old text embedding (by key) and its image's old embedding (by
@@ -257,11 +245,12 @@ def train_stage2(new: ModelConfig, stage1_dir: Path, recipe: Stage2Config, lora_
             joins |= targets.counts["joins"]
             files = paired.rows_with_targets(pair_files, targets, out_dir / "anchored_rows")
             not_anchored = rows_in - shards.shard_rows(files)
+        carry = [OLD_IMAGES, OLD_TEXTS] if anchored else []
         dataset = shards.training_stream(
-            files, decode_training_pairs,
-            {"size": clip.image_size(new.name), "model_name": new.name},
+            files, shards.decode_training_pairs,
+            {"size": clip.image_size(new.name), "model_name": new.name, "carry": carry},
             ["pixels", "tokens", "image_code"] + ([OLD_IMAGES, OLD_TEXTS] if anchored else []),
-            skip_log, seed, carry=[OLD_IMAGES, OLD_TEXTS] if anchored else [])
+            skip_log, seed, carry=carry)
         rows = rows_in - not_anchored
     log.info("stage 2 (%s, %s%s): %d pairs, psi %s, LoRA %s", recipe.objective, recipe.mode,
              f", anchors {recipe.anchor_weights()}" if anchored else "", rows,
