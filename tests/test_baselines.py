@@ -6,6 +6,7 @@ from xbt_ray.config import ConfigError
 from xbt_ray.data.cache import Embeddings
 from xbt_ray.eval.backfill import (
     SCORE_BINS,
+    CalibrationError,
     auc,
     backfill_curve,
     backfill_report,
@@ -246,6 +247,18 @@ def test_platt_fit_hand_computed():
         fit_platt(np.array([0.0, 1.0]), np.array([0, 0]), np.array([3, 1]))
 
 
+def test_platt_fit_recovers_a_known_slope_at_gallery_scale():
+    # 5,000 queries x a 5,000-item gallery: 5,000 genuine pairs, ~25M impostors, drawn from a
+    # logistic model (expected counts per score bin). The penalty must not pull the slope.
+    x = np.linspace(-0.2, 0.9, 200)
+    impostor_density = np.exp(-((x - 0.1) / 0.08) ** 2 / 2)
+    impostors = 25e6 * impostor_density / impostor_density.sum()
+    p = 1 / (1 + np.exp(-(25.0 * x - 14.0)))
+    genuine = impostors * p / (1 - p)          # so that P(genuine | x) = p exactly
+    slope, intercept = fit_platt(x, genuine, impostors)
+    assert slope == pytest.approx(25.0, rel=1e-3) and intercept == pytest.approx(-14.0, rel=1e-3)
+
+
 def test_score_histograms_count_every_pair():
     # scores: q_a vs (g_a, g_b, g_c) = (1, 0.6, 0); q_b vs them = (0, 0.8, 1)
     q = np.array([[1.0, 0.0], [0.0, 1.0]])
@@ -271,7 +284,7 @@ def test_score_calibration_recovers_a_logistic_model_and_refuses_a_useless_space
     # maximum (penalised) likelihood: predicted genuine pairs = observed, overall, and
     # score-weighted up to the penalty's gradient
     assert (genuine + impostor) @ p == pytest.approx(genuine.sum(), rel=1e-3)
-    ridge = 1e-6 * (genuine + impostor).sum()                 # the slope's penalty
+    ridge = 1e-6 * min(genuine.sum(), impostor.sum())         # the slope's penalty
     assert (genuine - (genuine + impostor) * p) @ centres == pytest.approx(2 * ridge * slope,
                                                                           rel=1e-3)
     assert slope > 0
@@ -287,6 +300,8 @@ def test_calibration_is_cross_fitted_on_the_other_fold():
     g_ids = np.arange(20).astype(str)
     folds = calibration_folds(ids, seed=1)
     assert set(folds) == {0, 1} and (folds[::2] == folds[1::2]).all()  # an id's queries together
+    with pytest.raises(CalibrationError, match="at least two ids"):
+        calibration_folds(["a", "a"], seed=1)
     (scale, shift), fits = cross_fitted_calibration(q, g, ids, g_ids, folds)
     for fold in (0, 1):
         other = folds != fold
@@ -327,6 +342,7 @@ def test_migration_runs_from_the_method_on_the_old_gallery_to_new_new():
             "t2i": (recall_at_k(cap_q, img_old, cap_ids, ids, (1,))[1],
                     recall_at_k(cap_new, img_new, cap_ids, ids, (1,))[1])}
     for d, (method_old, new_new) in ends.items():
+        assert method_old != new_new            # so that swapped ends would fail
         curve = out["r1"][d]
         assert len(curve) == 5 and curve[0] == method_old and curve[-1] == new_new
         assert out["auc"][d] == pytest.approx(auc(out["fractions"], curve))

@@ -40,6 +40,7 @@ def test_report_has_every_cell_and_is_written(tiny_run):
         migration = report["backfill"]["xbt->old"]["migration"]["r1"][direction]
         assert migration[-1] == rows["new->new"][direction]["R1"]
         assert migration[0] == xbt[direction]["R1"]
+        assert migration[0] != migration[-1]
     on_disk = json.loads((config.run_dir / "report.json").read_text())
     assert on_disk["rows"] == report["rows"]
     assert "| xbt-stage1->old" in (config.run_dir / "report.md").read_text()

@@ -108,6 +108,14 @@ def test_markdown_sections_flips_fits_backfill_costs():
                 if line.startswith("| xbt->old") and "44.5" in line]
     assert [c.strip() for c in backfill[0]] == ["xbt->old", "44.5", "45.5", "44.5", "45.5",
                                                  "48.0", "48.0", "51.0", "51.0"]
+    # a direction without a migration curve (its scores could not be calibrated) shows "-"
+    report = _full_report()
+    migration = report["backfill"]["xbt->old"]["migration"]
+    del migration["r1"]["t2i"], migration["auc"]["t2i"]
+    migration["skipped"] = {"t2i": "cannot calibrate scores"}
+    row = [line.split("|")[1:-1] for line in format_table(report).splitlines()
+           if line.startswith("| xbt->old") and "44.5" in line][0]
+    assert [c.strip() for c in row[-2:]] == ["51.0", "-"]
     assert "20,000" in table and "6,000 items" in table
     assert "Published" not in table  # demo data: no published numbers apply
 

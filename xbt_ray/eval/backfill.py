@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 ORDERS = ("random", "distance")
 
 
+class CalibrationError(ValueError):
+    """A space's scores cannot be calibrated (no genuine or impostor pairs, fewer than two ids
+    to cross-fit on, or genuine pairs not scoring above impostors)."""
+
+
 def upgrade_order(old_gallery: np.ndarray, upgraded_gallery: np.ndarray, order: str,
                   seed: int) -> np.ndarray:
     """Gallery indices in the order they are re-embedded."""
@@ -94,6 +99,12 @@ def backfill_report(image_queries, caption_queries, old_images, old_captions, ne
 # --- migration to the new model ----------------------------------------------------------------
 
 SCORE_BINS = 2048  # histogram bins of cosine scores over [-1, 1] for score_calibration
+# working memory per (query, gallery item): float32 score, int64 bin, bool same-id, and the
+# int64 copy bincount makes of the selected bins
+HISTOGRAM_BYTES_PER_SCORE = 4 + 8 + 1 + 8
+# merged search: two float32 cosines, two float64 calibrated scores, the float64 merge, and
+# exact search's comparison
+MERGED_BYTES_PER_SCORE = 2 * 4 + 3 * 8 + 1
 
 
 def score_histograms(queries, gallery, query_ids, gallery_ids,
@@ -106,7 +117,7 @@ def score_histograms(queries, gallery, query_ids, gallery_ids,
     q_codes, g_codes = id_codes(query_ids, gallery_ids)
     genuine = torch.zeros(SCORE_BINS, dtype=torch.int64)
     total = torch.zeros(SCORE_BINS, dtype=torch.int64)
-    step = chunk_rows(len(g), max_chunk_mib)
+    step = chunk_rows(len(g), max_chunk_mib, HISTOGRAM_BYTES_PER_SCORE)
     for start in range(0, len(q), step):
         scores = q[start:start + step] @ g.T
         bins = ((scores + 1) * (SCORE_BINS / 2)).long().clamp(0, SCORE_BINS - 1)
@@ -121,16 +132,18 @@ def fit_platt(scores: np.ndarray, genuine: np.ndarray, impostor: np.ndarray,
     """Platt scaling (Platt, 1999, "Probabilistic outputs for support vector machines"): the
     (slope, intercept) of the logistic regression P(genuine | score) = sigmoid(slope * score +
     intercept), fitted by maximum likelihood on `genuine[i]` genuine and `impostor[i]` impostor
-    observations at `scores[i]`. Newton's method with step halving; an L2 penalty of 1e-6 per
-    observation on the slope keeps perfectly separated data finite. A ValueError without both
-    kinds of observation."""
+    observations at `scores[i]`. Newton's method with step halving; an L2 penalty on the slope
+    of 1e-6 times the smaller class's count keeps perfectly separated data finite without
+    pulling the slope of a large gallery (impostors outnumber genuine pairs by the gallery's
+    size). A CalibrationError without both kinds of observation."""
     x = np.asarray(scores, dtype=np.float64)
     pos, n = np.asarray(genuine, dtype=np.float64), np.asarray(genuine) + np.asarray(impostor)
     n = n.astype(np.float64)
     if pos.sum() == 0 or pos.sum() == n.sum():
-        raise ValueError(f"score calibration needs genuine and impostor pairs, got "
-                         f"{int(pos.sum())} genuine and {int(n.sum() - pos.sum())} impostor")
-    ridge = 1e-6 * n.sum()
+        raise CalibrationError(f"score calibration needs genuine and impostor pairs, got "
+                               f"{int(pos.sum())} genuine and {int(n.sum() - pos.sum())} "
+                               "impostor")
+    ridge = 1e-6 * min(pos.sum(), n.sum() - pos.sum())
 
     def loglik(theta):
         z = theta[0] * x + theta[1]
@@ -158,39 +171,45 @@ def score_calibration(queries, gallery, query_ids, gallery_ids,
     """(slope, intercept) that put one embedding space's cosine scores on a shared scale, the
     log-odds that a (query, gallery item) pair is genuine (same id): Platt scaling (`fit_platt`)
     of every pair's score (`score_histograms`, bin centres). Scores of two spaces calibrated on
-    the same queries and gallery are comparable as evidence of a match. A ValueError when
+    the same queries and gallery are comparable as evidence of a match. A CalibrationError when
     genuine pairs do not score above impostors (slope <= 0: the space ranks nothing)."""
     genuine, impostor = score_histograms(queries, gallery, query_ids, gallery_ids, max_chunk_mib)
     centres = -1 + (np.arange(SCORE_BINS) + 0.5) * (2 / SCORE_BINS)
     slope, intercept = fit_platt(centres, genuine, impostor)
     if slope <= 0:
-        raise ValueError(f"cannot calibrate scores: genuine pairs do not score above impostors "
-                         f"(fitted slope {slope:.4f})")
+        raise CalibrationError(f"cannot calibrate scores: genuine pairs do not score above "
+                               f"impostors (fitted slope {slope:.4f})")
     return slope, intercept
 
 
 def calibration_folds(query_ids, seed: int) -> np.ndarray:
     """Fold 0 or 1 of each query: its id's, ids split in half by a seeded permutation (all
-    queries of one image fall in one fold)."""
+    queries of one image fall in one fold). The permutation is drawn from its own stream
+    (seed, 1), not the one that orders the upgrade (`upgrade_order`), so that the ids upgraded
+    first are not one fold. A CalibrationError with fewer than two distinct ids."""
     unique, inverse = np.unique(np.asarray(query_ids), return_inverse=True)
+    if len(unique) < 2:
+        raise CalibrationError(f"cross-fitted calibration needs queries of at least two ids, "
+                               f"got {len(unique)}")
     fold_of_id = np.zeros(len(unique), dtype=np.int64)
-    fold_of_id[np.random.default_rng(seed).permutation(len(unique))[len(unique) // 2:]] = 1
+    fold_of_id[np.random.default_rng([seed, 1]).permutation(len(unique))[len(unique) // 2:]] = 1
     return fold_of_id[inverse.reshape(-1)]
 
 
-def cross_fitted_calibration(queries, gallery, query_ids, gallery_ids, folds: np.ndarray):
-    """Per-query (slope, intercept) arrays (float32, shape (n_queries,)): each query's from
+def cross_fitted_calibration(queries, gallery, query_ids, gallery_ids, folds: np.ndarray,
+                             max_chunk_mib: float = 256):
+    """Per-query (slope, intercept) arrays (float64, shape (n_queries,)): each query's from
     `score_calibration` fitted on the OTHER fold's queries, so that no query's own scores
     calibrate its ranking. Also returns the {"slope", "intercept"} used for each fold, for the
     report."""
     query_ids = np.asarray(query_ids)
-    slope = np.empty(len(query_ids), dtype=np.float32)
-    intercept = np.empty(len(query_ids), dtype=np.float32)
+    slope = np.empty(len(query_ids), dtype=np.float64)
+    intercept = np.empty(len(query_ids), dtype=np.float64)
     fitted = []
     for fold in (0, 1):
         other = folds != fold
         a, b = score_calibration(np.asarray(queries)[other], gallery, query_ids[other],
-                                 gallery_ids)
+                                 gallery_ids, max_chunk_mib)
         slope[folds == fold], intercept[folds == fold] = a, b
         fitted.append({"slope": a, "intercept": b})
     return (slope, intercept), fitted
@@ -206,28 +225,32 @@ def merged_ranks(new_queries, method_queries, new_gallery, old_gallery, upgraded
     before the two lists are merged."""
     qn, qm = torch.from_numpy(unit_rows(new_queries)), torch.from_numpy(unit_rows(method_queries))
     gn, go = torch.from_numpy(unit_rows(new_gallery)), torch.from_numpy(unit_rows(old_gallery))
-    (an, bn), (am, bm) = ([torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in cal]
+    (an, bn), (am, bm) = ([torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in cal]
                           for cal in (new_calibration, method_calibration))
     mask = torch.as_tensor(np.asarray(upgraded, dtype=bool))[None, :]
 
     def scores_of(rows):
-        new = (qn[rows] @ gn.T) * an[rows, None] + bn[rows, None]
-        old = (qm[rows] @ go.T) * am[rows, None] + bm[rows, None]
+        # in float64: distinct float32 cosines stay distinct after the map, so a space alone
+        # (f = 0 or 1) ranks exactly as its own exact search does
+        new = (qn[rows] @ gn.T).double() * an[rows, None] + bn[rows, None]
+        old = (qm[rows] @ go.T).double() * am[rows, None] + bm[rows, None]
         return torch.where(mask, new, old)
 
-    return score_ranks(scores_of, query_ids, gallery_ids, max_chunk_mib)
+    return score_ranks(scores_of, query_ids, gallery_ids, max_chunk_mib,
+                       bytes_per_score=MERGED_BYTES_PER_SCORE)
 
 
 def migration_curve(new_queries, method_queries, new_gallery, old_gallery, query_ids,
                     gallery_ids, fractions, seed: int = 0,
                     max_chunk_mib: float = 256) -> tuple[list[float], dict]:
     """R@1 (percent) at each re-embedded fraction of the migration to the new model (module
-    docstring), random order; and the calibration fitted per fold for each space."""
+    docstring), random order; and the calibration fitted per fold for each space. A
+    CalibrationError when a space cannot be calibrated."""
     folds = calibration_folds(query_ids, seed)
     new_cal, new_fits = cross_fitted_calibration(new_queries, new_gallery, query_ids,
-                                                 gallery_ids, folds)
+                                                 gallery_ids, folds, max_chunk_mib)
     method_cal, method_fits = cross_fitted_calibration(method_queries, old_gallery, query_ids,
-                                                       gallery_ids, folds)
+                                                       gallery_ids, folds, max_chunk_mib)
     order = upgrade_order(old_gallery, old_gallery, "random", seed)  # backfill_curve's order
     upgraded = np.zeros(len(old_gallery), dtype=bool)
     curve = []
@@ -248,8 +271,8 @@ def migration_report(image_queries, caption_queries, new_images, new_captions, o
     the split embedded by the native new model (queries and re-embedded gallery alike).
     Returns {"fractions", "r1": {direction: curve}, "auc": {direction: AUC},
     "calibration": {direction: {"new": [fold 0, fold 1], "method": [...]}}, "skipped":
-    {direction: reason}}: a direction whose scores cannot be calibrated (score_calibration's
-    ValueError) has no curve, its reason is logged and kept in "skipped"."""
+    {direction: reason}}: a direction whose scores cannot be calibrated (CalibrationError) has
+    no curve; its reason is logged and kept in "skipped"."""
     fractions = [float(f) for f in np.linspace(0, 1, points)]
     setups = {"i2t": (new_images, image_queries, new_captions, old_captions, image_ids,
                       caption_image_ids),
@@ -259,7 +282,7 @@ def migration_report(image_queries, caption_queries, new_images, new_captions, o
     for direction in DIRECTIONS:
         try:
             curve, fits = migration_curve(*setups[direction], fractions, seed, max_chunk_mib)
-        except ValueError as err:  # a space whose scores cannot be calibrated: no curve
+        except CalibrationError as err:  # a space that cannot be calibrated: no curve
             log.warning("migration curve %s skipped: %s", direction, err)
             out["skipped"][direction] = str(err)
             continue

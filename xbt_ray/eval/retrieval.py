@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 DIRECTIONS = ("i2t", "t2i")
-# bytes per (query, gallery item) in one chunk: float32 score + bool comparison
-_BYTES_PER_SCORE = 5
+# bytes per (query, gallery item) in one chunk of exact search: float32 score + bool comparison
+BYTES_PER_SCORE = 5
 
 
 def _unit(x) -> torch.Tensor:
@@ -33,9 +33,11 @@ def id_codes(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
     return codes[: len(q)], codes[len(q):]
 
 
-def chunk_rows(gallery_size: int, max_chunk_mib: float) -> int:
-    """Queries per chunk so that one chunk's score matrix stays within `max_chunk_mib`."""
-    return max(1, int(max_chunk_mib * 2**20) // (_BYTES_PER_SCORE * max(1, gallery_size)))
+def chunk_rows(gallery_size: int, max_chunk_mib: float,
+               bytes_per_score: int = BYTES_PER_SCORE) -> int:
+    """Queries per chunk so that one chunk's working memory, `bytes_per_score` per (query,
+    gallery item), stays within `max_chunk_mib`."""
+    return max(1, int(max_chunk_mib * 2**20) // (bytes_per_score * max(1, gallery_size)))
 
 
 def _item(values, row: int):
@@ -67,10 +69,11 @@ def query_ranks(queries, gallery, query_ids, gallery_ids, max_chunk_mib: float =
 
 
 def score_ranks(scores_of, query_ids, gallery_ids, max_chunk_mib: float = 256,
-                query_keys=None) -> np.ndarray:
-    """`query_ranks` for any score: `scores_of(rows)` returns the float32 scores of the queries
-    in slice `rows` against every gallery item, a (len(rows), len(gallery_ids)) tensor (higher
-    is better). Ranks, chunking and errors as in `query_ranks`."""
+                query_keys=None, bytes_per_score: int = BYTES_PER_SCORE) -> np.ndarray:
+    """`query_ranks` for any score: `scores_of(rows)` returns the scores of the queries in
+    slice `rows` against every gallery item, a (len(rows), len(gallery_ids)) float tensor
+    (higher is better), using about `bytes_per_score` of working memory per score. Ranks,
+    chunking and errors as in `query_ranks`."""
     if len(query_ids) == 0:
         raise ValueError("no queries to evaluate")
     q_codes, g_codes = id_codes(query_ids, gallery_ids)
@@ -91,7 +94,7 @@ def score_ranks(scores_of, query_ids, gallery_ids, max_chunk_mib: float = 256,
 
     n_gallery = len(g_codes)
     ranks = torch.empty(len(q_codes), dtype=torch.int64)
-    step = chunk_rows(n_gallery, max_chunk_mib)
+    step = chunk_rows(n_gallery, max_chunk_mib, bytes_per_score)
     for start in range(0, len(q_codes), step):
         rows = slice(start, start + step)
         codes = q_codes[rows]
