@@ -335,8 +335,8 @@ def test_migration_runs_from_the_method_on_the_old_gallery_to_new_new():
     keys, caps, img_new, cap_new, img_old, cap_old, w = _world(n_images=30)
     img_q, cap_q = _unit(img_new @ w), _unit(cap_new @ w)
     ids, cap_ids = np.array(keys), np.array(keys)
-    out = migration_report(img_q, cap_q, img_new, cap_new, img_old, cap_old, ids, cap_ids,
-                           points=5)
+    out = migration_report({"m": (img_q, cap_q)}, img_new, cap_new, img_old, cap_old, ids,
+                           cap_ids, points=5)["m"]
     ends = {"i2t": (recall_at_k(img_q, cap_old, ids, cap_ids, (1,))[1],
                     recall_at_k(img_new, cap_new, ids, cap_ids, (1,))[1]),
             "t2i": (recall_at_k(cap_q, img_old, cap_ids, ids, (1,))[1],
@@ -353,6 +353,7 @@ def test_a_migration_direction_that_cannot_be_calibrated_is_skipped_with_its_rea
     keys, caps, img_new, cap_new, img_old, cap_old, w = _world(n_images=30)
     img_q, cap_q = _unit(img_new @ w), -_unit(cap_new @ w)  # caption queries point away
     ids = np.array(keys)
-    out = migration_report(img_q, cap_q, img_new, cap_new, img_old, cap_old, ids, ids, points=3)
+    out = migration_report({"m": (img_q, cap_q)}, img_new, cap_new, img_old, cap_old, ids, ids,
+                           points=3)["m"]
     assert set(out["r1"]) == {"i2t"} and set(out["auc"]) == {"i2t"}
     assert "do not score above impostors" in out["skipped"]["t2i"]

@@ -241,51 +241,64 @@ def merged_ranks(new_queries, method_queries, new_gallery, old_gallery, upgraded
 
 
 def migration_curve(new_queries, method_queries, new_gallery, old_gallery, query_ids,
-                    gallery_ids, fractions, seed: int = 0,
-                    max_chunk_mib: float = 256) -> tuple[list[float], dict]:
+                    gallery_ids, fractions, new_calibration, method_calibration, seed: int = 0,
+                    max_chunk_mib: float = 256) -> list[float]:
     """R@1 (percent) at each re-embedded fraction of the migration to the new model (module
-    docstring), random order; and the calibration fitted per fold for each space. A
-    CalibrationError when a space cannot be calibrated."""
-    folds = calibration_folds(query_ids, seed)
-    new_cal, new_fits = cross_fitted_calibration(new_queries, new_gallery, query_ids,
-                                                 gallery_ids, folds, max_chunk_mib)
-    method_cal, method_fits = cross_fitted_calibration(method_queries, old_gallery, query_ids,
-                                                       gallery_ids, folds, max_chunk_mib)
-    order = upgrade_order(old_gallery, old_gallery, "random", seed)  # backfill_curve's order
+    docstring), random order (backfill_curve's), with both spaces' per-query calibrations
+    (`cross_fitted_calibration`)."""
+    order = upgrade_order(old_gallery, old_gallery, "random", seed)
     upgraded = np.zeros(len(old_gallery), dtype=bool)
     curve = []
     for f in fractions:
         upgraded[order[:int(round(f * len(order)))]] = True
         ranks = merged_ranks(new_queries, method_queries, new_gallery, old_gallery, upgraded,
-                             new_cal, method_cal, query_ids, gallery_ids, max_chunk_mib)
+                             new_calibration, method_calibration, query_ids, gallery_ids,
+                             max_chunk_mib)
         curve.append(recalls(ranks, (1,))[1])
-    return curve, {"new": new_fits, "method": method_fits}
+    return curve
 
 
-def migration_report(image_queries, caption_queries, new_images, new_captions, old_images,
-                     old_captions, image_ids, caption_image_ids, points: int, seed: int = 0,
-                     max_chunk_mib: float = 256) -> dict:
-    """Both directions of the migration to the new model: I2T re-embeds the caption gallery
-    (native new image queries on it), T2I the image gallery. `image_queries` /
-    `caption_queries`: the method's queries in the old space; `new_images` / `new_captions`:
-    the split embedded by the native new model (queries and re-embedded gallery alike).
-    Returns {"fractions", "r1": {direction: curve}, "auc": {direction: AUC},
+def migration_report(method_queries: dict, new_images, new_captions, old_images, old_captions,
+                     image_ids, caption_image_ids, points: int, seed: int = 0,
+                     max_chunk_mib: float = 256) -> dict[str, dict]:
+    """Both directions of the migration to the new model, for each method: I2T re-embeds the
+    caption gallery (native new image queries on it), T2I the image gallery.
+    `method_queries[method] = (image queries, caption queries)` in the old space; `new_images` /
+    `new_captions`: the split embedded by the native new model (queries and re-embedded gallery
+    alike). The new space is calibrated once per direction and shared by every method.
+    Returns, per method, {"fractions", "r1": {direction: curve}, "auc": {direction: AUC},
     "calibration": {direction: {"new": [fold 0, fold 1], "method": [...]}}, "skipped":
     {direction: reason}}: a direction whose scores cannot be calibrated (CalibrationError) has
     no curve; its reason is logged and kept in "skipped"."""
     fractions = [float(f) for f in np.linspace(0, 1, points)]
-    setups = {"i2t": (new_images, image_queries, new_captions, old_captions, image_ids,
-                      caption_image_ids),
-              "t2i": (new_captions, caption_queries, new_images, old_images, caption_image_ids,
-                      image_ids)}
-    out = {"fractions": fractions, "r1": {}, "auc": {}, "calibration": {}, "skipped": {}}
+    out = {m: {"fractions": fractions, "r1": {}, "auc": {}, "calibration": {}, "skipped": {}}
+           for m in method_queries}
     for direction in DIRECTIONS:
+        i2t = direction == "i2t"
+        new_q, new_g, old_g = ((new_images, new_captions, old_captions) if i2t
+                               else (new_captions, new_images, old_images))
+        q_ids, g_ids = (image_ids, caption_image_ids) if i2t else (caption_image_ids, image_ids)
         try:
-            curve, fits = migration_curve(*setups[direction], fractions, seed, max_chunk_mib)
-        except CalibrationError as err:  # a space that cannot be calibrated: no curve
-            log.warning("migration curve %s skipped: %s", direction, err)
-            out["skipped"][direction] = str(err)
+            folds = calibration_folds(q_ids, seed)
+            new_cal, new_fits = cross_fitted_calibration(new_q, new_g, q_ids, g_ids, folds,
+                                                         max_chunk_mib)
+        except CalibrationError as err:  # no curve for any method in this direction
+            log.warning("migration curves %s skipped: %s", direction, err)
+            for report in out.values():
+                report["skipped"][direction] = str(err)
             continue
-        out["r1"][direction], out["calibration"][direction] = curve, fits
-        out["auc"][direction] = auc(fractions, curve)
+        for method, (image_queries, caption_queries) in method_queries.items():
+            queries = image_queries if i2t else caption_queries
+            try:
+                method_cal, method_fits = cross_fitted_calibration(queries, old_g, q_ids, g_ids,
+                                                                   folds, max_chunk_mib)
+            except CalibrationError as err:
+                log.warning("migration curve %s %s skipped: %s", method, direction, err)
+                out[method]["skipped"][direction] = str(err)
+                continue
+            curve = migration_curve(new_q, queries, new_g, old_g, q_ids, g_ids, fractions,
+                                    new_cal, method_cal, seed, max_chunk_mib)
+            out[method]["r1"][direction] = curve
+            out[method]["auc"][direction] = auc(fractions, curve)
+            out[method]["calibration"][direction] = {"new": new_fits, "method": method_fits}
     return out

@@ -160,16 +160,18 @@ def compatibility_report(split: EvalSplit, queries: dict[str, tuple[np.ndarray, 
         report["data"]["joins"] |= {f"support:{k}": v for k, v in support_joins.items()}
     if cfg.backfill_points > 1:
         report["backfill"] = {}
-        for method in tqdm(backfill_methods(list(candidates)), desc="backfill curves",
-                           unit="method", disable=None):
+        chosen = backfill_methods(list(candidates))
+        migrations = migration_report({m: candidates[m][:2] for m in chosen},
+                                      split.new_images.emb, split.new_captions.emb, old_img,
+                                      old_cap, ids, cap_ids, cfg.backfill_points, seed,
+                                      cfg.max_chunk_mib)
+        for method in tqdm(chosen, desc="backfill curves", unit="method", disable=None):
             img_q, cap_q = candidates[method][:2]
             log.info("partial backfill curve for %s (%d points)", method, cfg.backfill_points)
             report["backfill"][method] = backfill_report(
                 img_q, cap_q, old_img, old_cap, img_q, cap_q, ids, cap_ids,
                 cfg.backfill_points, seed, cfg.max_chunk_mib)
-            report["backfill"][method]["migration"] = migration_report(
-                img_q, cap_q, split.new_images.emb, split.new_captions.emb, old_img, old_cap,
-                ids, cap_ids, cfg.backfill_points, seed, cfg.max_chunk_mib)
+            report["backfill"][method]["migration"] = migrations[method]
     if costs and "full_backfill" in costs:
         report["full_backfill"] = costs["full_backfill"]
     return report
