@@ -134,3 +134,36 @@ def test_training_stream_differs_each_epoch_and_covers_every_row(ray_session, tm
         assert sorted(np.concatenate(rows).tolist()) == list(range(n))  # every row once
     assert any(not np.array_equal(x, y) for x, y in zip(*epochs))   # batches differ by epoch
     assert not np.array_equal(np.concatenate(epochs[0]), np.arange(n))  # not stream order
+
+
+def test_paired_files_do_not_depend_on_scheduling(ray_session, coco_caches, tmp_path,
+                                                  monkeypatch):
+    """Each row lands in the file its key's hash names, sorted by key, so two writes of the same
+    inputs give the same files row for row (the hash join's arrival order does not show)."""
+    monkeypatch.setattr(paired, "ROWS_PER_FILE", 4)    # 18 captions -> 5 files
+    c = coco_caches
+    tables = []
+    for name in ("a", "b"):
+        out = paired.write_pairs({"new_pair_texts": c["new_pair_texts"],
+                                  "old_pair_texts": c["old_pair_texts"]},
+                                 {"new_pair_images": c["new_pair_images"]},
+                                 tmp_path / name, "test pairs")
+        assert 1 < len(out.files) <= 5 and out.rows == 15
+        files = [pq.read_table(f) for f in out.files]
+        for f, table in zip(out.files, files):
+            keys = table.column("key").to_pylist()
+            assert keys == sorted(keys)
+            bucket = int(f.rsplit("-", 1)[1].split(".")[0])
+            assert set(paired.key_buckets(np.array(keys, dtype=object), 5)) == {bucket}
+        tables.append(files)
+    assert [t.to_pydict() for t in tables[0]] == [t.to_pydict() for t in tables[1]]
+
+
+def test_key_buckets_are_a_stable_hash():
+    keys = np.array(["c00", "c01", "img7", "c00"], dtype=object)
+    buckets = paired.key_buckets(keys, 3)
+    assert buckets.dtype == np.int64 and ((0 <= buckets) & (buckets < 3)).all()
+    assert buckets[0] == buckets[3]
+    # the same keys given as another dtype hash the same (ids are compared as str)
+    assert (paired.key_buckets(np.array([7, 7]), 3) ==
+            paired.key_buckets(np.array(["7", "7"], dtype=object), 3)).all()

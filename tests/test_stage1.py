@@ -57,8 +57,21 @@ def _assert_psi_fits(out: Path, caches) -> None:
     assert (top1 == np.arange(1024)).mean() > 0.5
 
 
-def test_stage1_with_zero1_fits_projector_from_user_cache(ray_session, user_caches, tmp_path):
-    _assert_psi_fits(_fit(user_caches, tmp_path, "byo-z1", zero_stage=1), user_caches)
+def test_stage1_with_zero1_fits_projector_and_a_rerun_gives_identical_weights(
+        ray_session, user_caches, tmp_path):
+    """Two runs from scratch with the same seed (each writes its own paired cache: the hash
+    join's rows arrive in a different order each time) end with bit-identical psi weights."""
+    from safetensors.torch import load_file
+
+    from xbt_ray.train.stage1 import PROJECTOR_WEIGHTS
+
+    first = _fit(user_caches, tmp_path / "a", "byo-z1")
+    _assert_psi_fits(first, user_caches)
+    second = _fit(user_caches, tmp_path / "b", "byo-z1-rerun")
+    a, b = (load_file(str(out / PROJECTOR_WEIGHTS)) for out in (first, second))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_stage1_with_zero2_fits_and_sends_progress_and_epoch_metrics_to_the_open_mlflow_run(

@@ -22,6 +22,13 @@ The same module turns the image-text shards of LoRA stage 2 into a training stre
 randomised every epoch, and (anchored objective) each caption row carries its cached old targets
 after a join with the anchor paired cache, so no lookup table travels as one object.
 
+Deterministic files: the hash join emits rows in the order its blocks happen to arrive, so the
+joined rows are not written as they come. `write_by_key_bucket` puts each row in the file its
+key's stable hash names and sorts every file by key (a Ray Data group-by on the workers). The
+same inputs therefore give the same files, row for row, whatever the scheduling; with the seeded
+file order, the seeded local shuffle and Ray Train's ingest in stream order
+(`xbt_ray.train.distributed.fit`), a rerun of a stage with the same seed sees the same batches.
+
 Counts (`PairedCache.counts`): `read` per cache (rows_in from the parquet footers, rows_used,
 skipped by reason), and `joins` per link, named as in `xbt_ray.data.join`
 ("<base>~<text cache>", "<base>-><image cache>") with `left_rows`, `right_rows`, `joined`,
@@ -48,7 +55,8 @@ from xbt_ray.data.join import MIN_JOINED_FRACTION
 
 log = logging.getLogger(__name__)
 MARKER = "_PAIRS.json"
-# Rows per file the paired cache is written in: files are the unit of the per-epoch file shuffle
+# Mean rows per file of a paired cache (files are filled by key hash, so sizes vary a little):
+# files are the unit of the per-epoch file shuffle
 ROWS_PER_FILE = 50_000
 
 
@@ -183,9 +191,10 @@ def _add_image_code(table):
 def write_pairs(texts: dict[str, str | Path], images: dict[str, str | Path], out_dir: Path,
                 role: str, min_fraction: float = MIN_JOINED_FRACTION) -> PairedCache:
     """Join caption caches by key (the first one is the base) and image caches by the captions'
-    image_id on the Ray Data workers, and write the pairs to `out_dir` (parquet, ~ROWS_PER_FILE
-    rows per file). `texts` / `images` map a role name to a cache directory; each role becomes
-    an embedding column. A directory already written for the same inputs is reused.
+    image_id on the Ray Data workers, and write the pairs to `out_dir` (parquet, about
+    ROWS_PER_FILE rows per file, filled by key hash and sorted by key: `write_by_key_bucket`).
+    `texts` / `images` map a role name to a cache directory; each role becomes an embedding
+    column. A directory already written for the same inputs is reused.
 
     Raises ConfigError (one line) for an empty or lopsided join (see the module docstring), a
     cache with inconsistent metadata, or a hand-written cache with repeated keys.
@@ -221,10 +230,9 @@ def write_pairs(texts: dict[str, str | Path], images: dict[str, str | Path], out
         on = ("key",) if name in texts else ("image_id",)
         joined = joined.join(right, join_type="inner", num_partitions=n_parts, on=on)
     joined = joined.map_batches(_add_image_code, batch_format="pyarrow", batch_size=None)
-    pairs_dir = out_dir / "rows"
-    joined.write_parquet(str(pairs_dir), min_rows_per_file=ROWS_PER_FILE)
-    written = sorted(glob.glob(str(pairs_dir / "*.parquet")))
-    rows = sum(cache.parquet_rows(written)) if written else 0
+    base_rows = sum(cache.parquet_rows(files[base_name]))
+    written, rows = write_by_key_bucket(joined, out_dir / "rows",
+                                        n_files=-(-base_rows // ROWS_PER_FILE))
 
     skipped: dict[str, Counter] = {name: Counter() for name in names}
     for path in skip_dir.glob("*.json"):
@@ -270,6 +278,52 @@ def _check_join(role, left, right, on, inputs, joined, left_rows, matched_right,
         f"{matched_right} of {right_rows} rows of {right} ({inputs[right]}) by {on} -> key")
 
 
+def key_buckets(keys, n_files: int) -> np.ndarray:
+    """(N,) int64 file index in [0, n_files) of each key: a stable 64-bit hash of the key as str
+    (the same on every worker, run and machine), modulo n_files."""
+    from pandas.util import hash_array
+
+    return (hash_array(cache.as_ids(keys), categorize=False) % np.uint64(n_files)).astype(np.int64)
+
+
+def _add_bucket(table, n_files: int):
+    """Ray Data UDF: the `bucket` (file index) of each row's key."""
+    import pyarrow as pa
+
+    buckets = key_buckets(table.column("key").to_numpy(zero_copy_only=False), n_files)
+    return table.append_column("bucket", pa.array(buckets, pa.int64()))
+
+
+def _write_bucket(table, out_dir: str):
+    """Ray Data UDF (one group: every row of one bucket): the rows sorted by key, written as
+    `pairs-<bucket>.parquet`. Returns the file's row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bucket = table.column("bucket")[0].as_py()
+    rows = table.drop_columns(["bucket"]).sort_by("key")
+    pq.write_table(rows, str(Path(out_dir) / f"pairs-{bucket:05d}.parquet"))
+    return pa.table({"rows": [len(rows)]})
+
+
+def write_by_key_bucket(ds, out_dir: Path, n_files: int) -> tuple[list[str], int]:
+    """Write the rows of Ray Dataset `ds` (a `key` column, unique per row) as up to `n_files`
+    parquet files whose contents do not depend on Ray's scheduling: a row goes to file
+    `key_buckets(key, n_files)` and each file is sorted by key. A group-by on the workers (a
+    hash shuffle by bucket); each worker holds one file's rows at a time. Returns (the files,
+    sorted by name; rows written). A bucket with no rows writes no file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_files = max(1, int(n_files))
+    written = (ds.map_batches(_add_bucket, fn_kwargs={"n_files": n_files},
+                              batch_format="pyarrow", batch_size=None)
+               .groupby("bucket", num_partitions=min(n_files, shuffle_partitions()))
+               .map_groups(_write_bucket, fn_kwargs={"out_dir": str(out_dir)},
+                           batch_format="pyarrow"))
+    rows = sum(int(r["rows"]) for r in written.iter_rows())   # one small row per file
+    return sorted(glob.glob(str(out_dir / "pairs-*.parquet"))), rows
+
+
 def rows_with_targets(pair_files: list[str], targets: PairedCache, out_dir: Path) -> list[str]:
     """Image-text shards whose caption rows carry their cached old targets: the raw rows
     (key, image_id, jpg, txt) inner-joined by key with the anchor paired cache on the workers,
@@ -291,15 +345,15 @@ def rows_with_targets(pair_files: list[str], targets: PairedCache, out_dir: Path
     right = ray.data.read_parquet(targets.files).select_columns(["key"] + targets.roles)
     joined = raw.join(right, join_type="inner", num_partitions=shuffle_partitions(),
                       on=("key",))
-    joined.write_parquet(str(out_dir / "rows"), min_rows_per_file=ROWS_PER_FILE)
-    written = sorted(glob.glob(str(out_dir / "rows" / "*.parquet")))
+    # as many files as input shards: a file holds about one shard's image bytes
+    written, _ = write_by_key_bucket(joined, out_dir / "rows", n_files=len(pair_files))
     marker.write_text(json.dumps({"inputs": inputs, "files": written}, indent=2))
     return written
 
 
 def training_dataset(paired: PairedCache, columns: list[str], seed: int):
     """The paired cache as a training stream, `columns` selected: the order in which its files
-    (ROWS_PER_FILE rows each) are read is re-randomised every epoch (seeded: an epoch's order
+    (about ROWS_PER_FILE rows each) are read is re-randomised every epoch (seeded: an epoch's order
     depends on `seed` and the epoch), and rows are shuffled within each worker's local buffer
     (`trainer.shuffle_buffer_rows`) by the loop. There is no global shuffle, and no
     `randomize_block_order` either: that is an all-to-all barrier that holds every block of the

@@ -374,8 +374,13 @@ def fit(loop, job, trainer: TrainerConfig, run_name: str, storage_path: Path,
     """Run `loop(job, reporting)` on `trainer.num_workers` Ray Train workers; re-running the
     same name resumes. `label` (default `run_name`) names the run in progress lines and MLflow
     metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    # Blocks reach the workers in stream order, so the split between workers (and with it each
+    # rank's batches) is the same in every run with the same seed; costs some overlap of reads.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
 
     resources = {"CPU": trainer.cpus_per_worker}
     if trainer.use_gpu:
@@ -391,6 +396,7 @@ def fit(loop, job, trainer: TrainerConfig, run_name: str, storage_path: Path,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks),
         datasets=datasets or {},
+        dataset_config=DataConfig(execution_options=ingest),
     ).fit()
     if result.error:
         raise RuntimeError(f"training run {run_name} failed: {result.error}")

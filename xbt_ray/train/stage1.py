@@ -111,6 +111,7 @@ def cross_covariance(paired: PairedCache) -> np.ndarray:
     total = None
     stream = (ray.data.read_parquet(paired.files).select_columns([NEW, OLD])
               .map_batches(block_sum, batch_format="pyarrow", batch_size=None))
+    stream.context.execution_options.preserve_order = True   # the same sum order every run
     for batch in stream.iter_batches(batch_size=1, batch_format="numpy"):
         total = batch["sum"][0] if total is None else total + batch["sum"][0]
     np.save(saved, total)
