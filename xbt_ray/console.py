@@ -52,6 +52,9 @@ _CONTROLLER_ALARM = re.compile(r"FailurePolicy|[Rr]etr(y|ies|ying)|timed out|[Ii
                                r"|not enough|[Ff]ailed")
 _ALARM = re.compile(r"Traceback|\bERROR\b|Error:|Exception:|Killed|OutOfMemory"
                     r"|\bWARNING " + PROJECT + r"\.")
+# error lines that are not: the GCS failing to kill an actor that had already exited (Ray Data's
+# shuffle aggregators at the end of a join or group-by: "KillActor RPC failed ... Socket closed")
+_BENIGN = re.compile(r"Failed to kill actor .*Socket closed")
 
 
 def _within(name: str, parent: str) -> bool:
@@ -168,8 +171,8 @@ def _print_alarms(printer, batch: dict) -> None:
         printer(batch)
         return
     controller = str(batch.get("actor_name") or "").startswith("TrainController")
-    lines = [line for line in batch.get("lines", [])
-             if _ALARM.search(line) or (controller and _CONTROLLER_ALARM.search(line))]
+    lines = [line for line in batch.get("lines", []) if not _BENIGN.search(line) and (
+             _ALARM.search(line) or (controller and _CONTROLLER_ALARM.search(line)))]
     if lines:
         printer(dict(batch, lines=lines))
 
