@@ -37,10 +37,13 @@ def test_report_has_every_cell_and_is_written(tiny_run):
     assert report["full_backfill"] == {"items": 160, "images": 40, "captions": 120}
     assert set(report["backfill"]) == {"xbt->old", "xbt-anchored->old", "procrustes-both->old"}
     # the migration runs from xbt->old to new->new; a direction whose scores cannot be
-    # calibrated (the tiny world's T2I can be one) has no curve and says why
+    # calibrated has no curve and says why. The tiny world's CLIPs are near chance: since its
+    # run is deterministic (eb531d9) neither direction calibrates in it, so the ends are checked
+    # here only if a curve exists (tests/test_baselines.py checks them by hand)
     migration = report["backfill"]["xbt->old"]["migration"]
     assert set(migration["r1"]) | set(migration["skipped"]) == {"i2t", "t2i"}
-    assert migration["r1"] and all(migration["skipped"].values())
+    assert not set(migration["r1"]) & set(migration["skipped"])
+    assert all("calibrat" in reason for reason in migration["skipped"].values())
     for direction, curve in migration["r1"].items():
         assert curve[-1] == rows["new->new"][direction]["R1"]
         assert curve[0] == xbt[direction]["R1"]   # (the two may coincide on 40 images)
