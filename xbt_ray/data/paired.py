@@ -174,10 +174,15 @@ def image_codes(image_ids) -> np.ndarray:
     """(N,) int64 codes of image ids, equal for equal ids (a stable 64-bit hash of the id as
     str; collisions between distinct ids have probability ~N^2 / 2^65): the positives of the
     multi-positive InfoNCE, comparable across batches, workers and runs."""
+    return stable_hash(image_ids).view(np.int64)
+
+
+def stable_hash(ids) -> np.ndarray:
+    """(N,) uint64 hash of each id as str (pandas' `hash_array`: SipHash with a fixed key), the
+    same on every worker, run and machine: image codes and the paired cache's file buckets."""
     from pandas.util import hash_array
 
-    ids = cache.as_ids(image_ids)
-    return hash_array(ids, categorize=False).view(np.int64)
+    return hash_array(cache.as_ids(ids), categorize=False)
 
 
 def _add_image_code(table):
@@ -279,11 +284,8 @@ def _check_join(role, left, right, on, inputs, joined, left_rows, matched_right,
 
 
 def key_buckets(keys, n_files: int) -> np.ndarray:
-    """(N,) int64 file index in [0, n_files) of each key: a stable 64-bit hash of the key as str
-    (the same on every worker, run and machine), modulo n_files."""
-    from pandas.util import hash_array
-
-    return (hash_array(cache.as_ids(keys), categorize=False) % np.uint64(n_files)).astype(np.int64)
+    """(N,) int64 file index in [0, n_files) of each key: `stable_hash(key) % n_files`."""
+    return (stable_hash(keys) % np.uint64(n_files)).astype(np.int64)
 
 
 def _add_bucket(table, n_files: int):
