@@ -89,16 +89,27 @@ def build_demo_world(config: Config) -> Path:
     return out
 
 
+def demo_model_path(config: Config, which: str, world_dir: Path) -> Path:
+    """Where the demo world's old or new CLIP is cached: cache_dir/models/<name>-<recipe hash>.
+    The hash covers the architecture (the open_clip config behind the name), the training
+    recipe, the trainer settings that change the weights, the world and the seed."""
+    from xbt_ray.train.demo_clip import RECIPE_VERSION
+
+    model: ModelConfig = getattr(config, which)
+    digest = _recipe_hash(RECIPE_VERSION, world_dir.name, model.name,
+                          clip.model_config(model.name), getattr(config, f"train_{which}"),
+                          config.trainer.zero_stage, config.trainer.precision,
+                          config.trainer.num_workers, config.trainer.grad_clip, config.seed)
+    return Path(config.cache_dir).absolute() / "models" / f"{model.name}-{digest}.safetensors"
+
+
 def demo_model(config: Config, which: str, world_dir: Path) -> ModelConfig:
     """Train (once) the demo world's old or new CLIP; returns it with `pretrained` = its file."""
-    from xbt_ray.train.demo_clip import RECIPE_VERSION, train_demo_clip
+    from xbt_ray.train.demo_clip import train_demo_clip
 
     model: ModelConfig = getattr(config, which)
     recipe = getattr(config, f"train_{which}")
-    digest = _recipe_hash(RECIPE_VERSION, world_dir.name, model.name, recipe,
-                          config.trainer.zero_stage, config.trainer.precision,
-                          config.trainer.num_workers, config.trainer.grad_clip, config.seed)
-    path = Path(config.cache_dir).absolute() / "models" / f"{model.name}-{digest}.safetensors"
+    path = demo_model_path(config, which, world_dir)
     if not path.is_file():
         log.info("training the demo %s model %s -> %s", which, model.name, path)
         train_demo_clip(model, recipe, shards.list_shards(str(world_dir / "image_text")),
