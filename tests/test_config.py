@@ -234,3 +234,15 @@ def test_repo_tiny_yaml_loads():
 
 def test_negative_encoder_threads_refused():
     assert "embed.encoder_threads" in _one_line_error(overrides=["embed.encoder_threads=-1"])
+
+
+def test_a_relative_checkpoint_path_becomes_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directories: `new.pretrained=<relative file>` failed
+    there as "neither a checkpoint file nor an open_clip tag" before the path was resolved."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "new.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(overrides=["new.pretrained=models/new.safetensors",
+                                    "old.pretrained=openai"])
+    assert config.new.pretrained == str(tmp_path / "models" / "new.safetensors")
+    assert config.old.pretrained == "openai"          # a tag, not a file: left as it is

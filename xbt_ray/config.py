@@ -395,12 +395,18 @@ def read_yaml(path: str | os.PathLike, what: str):
 
 def load_config(path: str | os.PathLike | None = None,
                 overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- overrides; validated. Raises ConfigError with one line."""
+    """Defaults <- YAML file <- overrides; validated; `old.pretrained` / `new.pretrained` that
+    name an existing file become absolute paths. Raises ConfigError with one line."""
     config = Config()
     if path:
         config = _merge(config, read_yaml(path, "config file") or {})
     if overrides:
         config = _merge(config, parse_overrides(overrides))
+    for model in (config.old, config.new):
+        # Ray Train workers and encoder actors do not run in this directory: a checkpoint given
+        # relative to it is made absolute here (tags such as "openai" are not files, and stay)
+        if model.pretrained and os.path.isfile(model.pretrained):
+            model.pretrained = os.path.abspath(model.pretrained)
     config.validate()
     return config
 
