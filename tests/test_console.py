@@ -127,6 +127,10 @@ def test_quiet_console_prints_only_the_worker_output_a_person_must_see():
         {"pid": 9, "actor_name": "TrainController", "lines": [
             "Requesting resources: {'CPU': 0.5} * 2", "[FailurePolicy] RETRY"]},
         {"pid": 8, "task_name": "ReadFiles", "lines": ["Reporting training result"]},
+        {"pid": 10, "actor_name": "HashShuffleMap", "lines": [   # a crash, seen in a demo run
+            "[mutex.cc : 452] RAW: Lock blocking 0x55e68b338dd0",
+            "*** SIGABRT received at time=1796197221 on cpu 1 ***",
+            "Fatal Python error: Aborted"]},
         {"pid": "gcs_server", "lines": [
             "[2026-12-02 01:34:17,780 E 29150 29150] (gcs_server) gcs_actor_scheduler.cc:538: "
             "Failed to kill actor e474, return status: Invalid: KillActor RPC failed for actor "
@@ -141,5 +145,6 @@ def test_quiet_console_prints_only_the_worker_output_a_person_must_see():
          "2026-12-01 10:00:01 WARNING xbt_ray.train.distributed: MLflow logging off"],
         ["No available node types can fulfill the request"],
         ["[FailurePolicy] RETRY"],
+        ["*** SIGABRT received at time=1796197221 on cpu 1 ***", "Fatal Python error: Aborted"],
         ["[2026-12-02 01:34:18,000 E 29150 29150] (gcs_server) gcs_server.cc:1: "
          "RpcError: lost the store"]]

@@ -51,6 +51,7 @@ _FILES = "xbt_worker_output_files"
 _CONTROLLER_ALARM = re.compile(r"FailurePolicy|[Rr]etr(y|ies|ying)|timed out|[Ii]nsufficient"
                                r"|not enough|[Ff]ailed")
 _ALARM = re.compile(r"Traceback|\bERROR\b|Error:|Exception:|Killed|OutOfMemory"
+                    r"|\*\*\* SIG[A-Z]+ received|Fatal Python error"   # a worker process crashed
                     r"|\bWARNING " + PROJECT + r"\.")
 # error lines that are not: the GCS failing to kill an actor that had already exited (Ray Data's
 # shuffle aggregators at the end of a join or group-by: "KillActor RPC failed ... Socket closed")
