@@ -16,9 +16,9 @@ What still reaches the console by default, because a person must see it: any ERR
 Tune's failed-trial tracebacks included), warnings of Ray Train and Ray Tune, and the worker
 output Ray needs to be seen: autoscaler events (e.g. a placement group no node can fit), the
 Train controller's lines on failures (retries after a worker failure, start-up timeouts for
-lack of resources) and worker lines that carry a traceback or an error, or a warning of the
-project's own. Raylet error pushes (a worker killed for memory), Ray's own C++ error lines and
-the exception a failed run raises are printed by Ray and Python as always.
+lack of resources) and worker lines that carry a traceback, an error or a crash signal, or a
+warning of the project's own. Raylet error pushes (a worker killed for memory), Ray's own C++
+error lines and the exception a failed run raises are printed by Ray and Python as always.
 
 `--verbose` brings everything back to the console as well (the files are written either way).
 Worker output reaches the driver through Ray's log streaming (`log_to_driver`); this module adds
