@@ -1,5 +1,7 @@
 """open_clip models by name + pretrained: demo configs, local checkpoints, fingerprints, inputs."""
+import dataclasses
 import io
+import json
 
 import numpy as np
 import open_clip
@@ -7,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from xbt_ray.config import ConfigError, ModelConfig
+from xbt_ray.config import Config, ConfigError, ModelConfig
 from xbt_ray.data import shards
 from xbt_ray.models import clip
+from xbt_ray.pipeline import demo_model_path
 
 NAME = "xbt-test-old"   # embed_dim 32, image 32 px, context 40: builds in well under a second
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -171,12 +174,6 @@ def test_demo_model_cache_key_covers_architecture_recipe_and_seed(tmp_path):
     """A demo CLIP cached under one architecture is never loaded for another: the cache file's
     name hashes the open_clip config behind the model name (the demo old model changed width and
     resolution once under the same name), the training recipe and the seed."""
-    import dataclasses
-    import json
-
-    from xbt_ray.config import Config
-    from xbt_ray.pipeline import demo_model_path
-
     config = dataclasses.replace(Config(), cache_dir=str(tmp_path), old=ModelConfig(name=NAME))
     world = tmp_path / "world" / "abc"
     path = demo_model_path(config, "old", world)
