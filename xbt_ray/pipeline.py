@@ -91,13 +91,15 @@ def build_demo_world(config: Config) -> Path:
 
 def demo_model_path(config: Config, which: str, world_dir: Path) -> Path:
     """Where the demo world's old or new CLIP is cached: cache_dir/models/<name>-<recipe hash>.
-    The hash covers the architecture (the open_clip config behind the name), the training
+    The hash covers the architecture (the open_clip config behind the name, as the project
+    ships it: a pretrained text tower by layer count, not by local path), the training
     recipe, the trainer settings that change the weights, the world and the seed."""
     from xbt_ray.train.demo_clip import RECIPE_VERSION
 
     model: ModelConfig = getattr(config, which)
     digest = _recipe_hash(RECIPE_VERSION, world_dir.name, model.name,
-                          clip.model_config(model.name), getattr(config, f"train_{which}"),
+                          clip.project_config(model.name) or clip.model_config(model.name),
+                          getattr(config, f"train_{which}"),
                           config.trainer.zero_stage, config.trainer.precision,
                           config.trainer.num_workers, config.trainer.grad_clip, config.seed)
     return Path(config.cache_dir).absolute() / "models" / f"{model.name}-{digest}.safetensors"

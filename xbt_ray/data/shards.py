@@ -353,9 +353,9 @@ def decode_images(batch: dict, size: int, with_captions: bool = False) -> dict:
 
 @functools.cache
 def _tokenizer(model_name: str):
-    from xbt_ray.models.clip import register_demo_configs
+    from xbt_ray.models.clip import register
 
-    register_demo_configs()
+    register(model_name)
     import open_clip  # here, not at the top: importing it costs seconds in every Ray worker
 
     return open_clip.get_tokenizer(model_name)

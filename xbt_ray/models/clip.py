@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,25 +19,56 @@ import torch
 from safetensors.torch import save_file
 
 from xbt_ray.config import ConfigError, ModelConfig
+from xbt_ray.models import hf_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# configs whose text tower is a real pretrained sentence encoder (text_cfg.minilm_layers)
+HF_CONFIG_DIR = CONFIG_DIR / "hf"
 log = logging.getLogger(__name__)
 
 
 @functools.cache
-def register_demo_configs() -> None:
-    """Make the tiny demo model configs (xbt-demo-old, xbt-demo-new, ...) known to open_clip."""
+def _register_demo_dir() -> None:
     open_clip.add_model_config(CONFIG_DIR)
 
 
+def project_config(name: str) -> dict | None:
+    """The config this project ships under `name`, as written (a pretrained text tower named by
+    its layer count, not by a local path), or None for any other open_clip model."""
+    for directory in (CONFIG_DIR, HF_CONFIG_DIR):
+        path = directory / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
 def is_project_config(name: str) -> bool:
-    """True for the tiny configs this project ships (trained on the demo world, never
+    """True for the configs this project ships (image towers trained on the demo world; never
     downloaded)."""
-    return (CONFIG_DIR / f"{name}.json").is_file()
+    return project_config(name) is not None
+
+
+@functools.cache
+def register(name: str) -> None:
+    """Make open_clip know `name` when it is a project config. A config with a pretrained
+    sentence-encoder text tower is registered with that tower's local directory filled in
+    (`hf_text.resolve_text_cfg`; ConfigError when its weights package is missing). Every
+    process that builds or tokenizes for a model calls this first; other names pass through."""
+    _register_demo_dir()
+    cfg = project_config(name)
+    if cfg is None or "minilm_layers" not in cfg.get("text_cfg", {}):
+        return
+    resolved = cfg | {"text_cfg": hf_text.resolve_text_cfg(cfg["text_cfg"])}
+    path = hf_text.hf_home() / "open_clip" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(resolved, indent=2))
+    tmp.replace(path)
+    open_clip.add_model_config(path)
 
 
 def model_config(name: str) -> dict:
-    register_demo_configs()
+    register(name)
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ConfigError(f"unknown open_clip model '{name}' (see open_clip.list_models())")

@@ -87,7 +87,7 @@ def load_query_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
     if meta.get("xbt.kind") != KIND:
         raise ValueError(f"{path} is not an exported xbt query encoder")
     tensors = load_file(str(path), device=str(device))
-    clip.register_demo_configs()
+    clip.register(meta["xbt.model"])
     clip_model = open_clip.create_model(meta["xbt.model"], device=device)
     clip_model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")})
     psi = Projector(**json.loads(meta["xbt.psi"])).to(device)

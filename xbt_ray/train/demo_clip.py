@@ -32,7 +32,7 @@ class ClipJob:
     trainer: TrainerConfig
     recipe: ClipTrainConfig
     seed: int
-    model_name: str   # a project-registered open_clip config (clip.register_demo_configs)
+    model_name: str   # a project-registered open_clip config (clip.register)
     rows: int         # image-text rows per epoch (shard footers / tar headers)
 
 
@@ -43,8 +43,10 @@ def clip_loop(job: ClipJob, reporting: distributed.Reporting) -> None:
 
     trainer, recipe = job.trainer, job.recipe
     rank, world = distributed.worker_setup(trainer, job.seed)
-    clip.register_demo_configs()
-    model = open_clip.create_model(job.model_name)
+    clip.register(job.model_name)
+    model = open_clip.create_model(job.model_name)  # a pretrained text tower loads its weights
+    if recipe.lock_text_tower:
+        model.lock_text_tower()
     start_epoch, done_steps = distributed.restore(model)
 
     micro = recipe.batch_size // world
