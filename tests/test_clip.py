@@ -170,10 +170,10 @@ def test_cpu_stage_matches_open_clip_preprocess_non_square(height, width):
     assert (_our_input(image, preprocess_cfg) - preprocess(image)[None]).abs().max() < 1e-5
 
 
-def test_demo_model_cache_key_covers_architecture_recipe_and_seed(tmp_path):
+def test_demo_model_cache_key_covers_architecture_recipe_and_seed(tmp_path, monkeypatch):
     """A demo CLIP cached under one architecture is never loaded for another: the cache file's
-    name hashes the open_clip config behind the model name (the demo old model changed width and
-    resolution once under the same name), the training recipe and the seed."""
+    name hashes the config file the project ships behind the model name (the demo old model
+    changed width and resolution once under the same name), the training recipe and the seed."""
     config = dataclasses.replace(Config(), cache_dir=str(tmp_path), old=ModelConfig(name=NAME))
     world = tmp_path / "world" / "abc"
     path = demo_model_path(config, "old", world)
@@ -183,15 +183,13 @@ def test_demo_model_cache_key_covers_architecture_recipe_and_seed(tmp_path):
     longer = dataclasses.replace(config.train_old, epochs=config.train_old.epochs + 1)
     assert demo_model_path(dataclasses.replace(config, train_old=longer), "old", world) != path
 
-    wider = clip.model_config(NAME)
+    wider = clip.project_config(NAME)
     wider["vision_cfg"] = {**wider["vision_cfg"], "width": 2 * wider["vision_cfg"]["width"]}
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / f"{NAME}.json").write_text(json.dumps(wider))
-    try:
-        open_clip.add_model_config(tmp_path / "configs")      # same name, another architecture
-        assert demo_model_path(config, "old", world) != path
-    finally:
-        open_clip.add_model_config(clip.CONFIG_DIR)
+    monkeypatch.setattr(clip, "CONFIG_DIR", tmp_path / "configs")  # same name, another file
+    assert demo_model_path(config, "old", world) != path
+    monkeypatch.undo()
     assert demo_model_path(config, "old", world) == path
 
 
