@@ -19,9 +19,11 @@ towers could move them, but the old gallery's own embeddings stay fixed.
 
 Demo scale: the caches are read into this process's memory (about 30,000 rows here); run it on
 a sample of a large corpus. The caches must exist (a finished `xbt run` of the same config: the
-lookups are cache hits and start no Ray).
+lookups are cache hits and start no Ray, given `embed.num_gpus`: 0 for caches embedded on CPU,
+and for GPU-embedded ones also `embed.precision`, so that no cluster is asked which it was).
 
-    python -m benchmarks.query_headroom --config configs/demo.yaml [overrides ...]
+    python -m benchmarks.query_headroom --config configs/demo.yaml embed.num_gpus=0 \
+        old.pretrained=<old CLIP file> new.pretrained=<new CLIP file> [overrides ...]
     -> benchmarks/results/query_headroom-<run_name>.json and a table on stdout
 """
 from __future__ import annotations
