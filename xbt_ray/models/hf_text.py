@@ -48,8 +48,8 @@ def minilm_dir(layers: int = MINILM_LAYERS) -> Path:
     """
     if not 1 <= layers <= MINILM_LAYERS:
         raise ConfigError(f"{MINILM} has {MINILM_LAYERS} layers; asked for {layers}")
-    archive, version = _minilm_zip()
-    full = hf_home() / f"{MINILM}-{version}" / f"layers{MINILM_LAYERS}"
+    archive, release = _minilm_zip()
+    full = hf_home() / f"{MINILM}-{release}" / f"layers{MINILM_LAYERS}"
     if not (full / "config.json").is_file():
         tmp = full.with_name(f"{full.name}.tmp{os.getpid()}")
         with zipfile.ZipFile(archive) as zf:
