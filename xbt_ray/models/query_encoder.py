@@ -88,7 +88,8 @@ def load_query_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
         raise ValueError(f"{path} is not an exported xbt query encoder")
     tensors = load_file(str(path), device=str(device))
     clip.register(meta["xbt.model"])
-    clip_model = open_clip.create_model(meta["xbt.model"], device=device)
+    # the architecture only (a pretrained text tower is not loaded): the file holds every weight
+    clip_model = open_clip.create_model(meta["xbt.model"], device=device, pretrained_text=False)
     clip_model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")})
     psi = Projector(**json.loads(meta["xbt.psi"])).to(device)
     psi.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("psi.")})

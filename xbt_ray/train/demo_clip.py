@@ -106,7 +106,8 @@ def train_demo_clip(model: ModelConfig, recipe: ClipTrainConfig, files: list[str
     log.info("demo CLIP %s data: rows in %d = used %d + skipped %s", model.name, rows_in,
              counts["rows_used"], skipped)
     weights, _ = distributed.load_result_checkpoint(result)
-    trained = open_clip.create_model(model.name)
+    # the architecture only: every weight comes from the checkpoint (no pretrained text load)
+    trained = open_clip.create_model(model.name, pretrained_text=False)
     weights["logit_scale"] = weights["logit_scale"].reshape(trained.logit_scale.shape)
     trained.load_state_dict(weights)
     clip.save_clip(trained, out_path)
