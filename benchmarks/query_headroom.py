@@ -39,17 +39,13 @@ import torch.nn.functional as F
 
 from xbt_ray.config import load_config
 from xbt_ray.data import cache
+from xbt_ray.data.join import join, same_items
 from xbt_ray.eval.retrieval import recall_at_k
 from xbt_ray.models.projector import Projector
 from xbt_ray.pipeline import inputs_step
 from xbt_ray.train.losses import info_nce
 
 KS = (1, 5, 10)
-
-
-def _rows_by(e: cache.Embeddings, keys) -> np.ndarray:
-    index = {k: i for i, k in enumerate(e.keys)}
-    return e.emb[np.array([index[k] for k in keys])]
 
 
 def fit_map(source: np.ndarray, target: np.ndarray, ids: np.ndarray, depth: int, width: int,
@@ -85,19 +81,23 @@ def main(argv=None) -> dict:
     _, embedded = inputs_step(config, {})
     read = {role: cache.read_embeddings(result.directory) for role, result in embedded.items()}
 
-    # training pairs: each caption row, its new/old text and its image's new/old embedding
-    captions = read["new_pair_texts"]
-    images = read["old_pair_images"]
-    keep = np.isin(captions.image_ids, images.keys)
-    keys, image_ids = captions.keys[keep], captions.image_ids[keep]
-    _, codes = np.unique(image_ids, return_inverse=True)
-    pair = {"new_text": captions.emb[keep], "old_text": _rows_by(read["old_pair_texts"], keys),
-            "new_image": _rows_by(read["new_pair_images"], image_ids),
-            "old_image": _rows_by(images, image_ids)}
-    # held-out split: captions and images of both models, in one order
-    caps, ims = read["old_eval_captions"], read["old_eval_images"]
-    held = {"old_text": caps.emb, "new_text": _rows_by(read["new_eval_captions"], caps.keys),
-            "old_image": ims.emb, "new_image": _rows_by(read["new_eval_images"], ims.keys)}
+    # training pairs (the project's in-memory join, with its counts and checks): each caption
+    # row with its own old text (by key) and its image's new and old embedding (by image_id)
+    new_text, old_text, _ = same_items(read["new_pair_texts"], read["old_pair_texts"],
+                                       "headroom pair texts")
+    old_images, new_images, _ = same_items(read["old_pair_images"], read["new_pair_images"],
+                                           "headroom pair images")
+    linked = join(new_text, old_images, "headroom captions -> images", on="image_id")
+    _, codes = np.unique(new_text.image_ids[linked.left], return_inverse=True)
+    pair = {"new_text": new_text.emb[linked.left], "old_text": old_text.emb[linked.left],
+            "new_image": new_images.emb[linked.right], "old_image": old_images.emb[linked.right]}
+    # held-out split: captions and images of both models, each row-aligned by key
+    caps, new_caps, _ = same_items(read["old_eval_captions"], read["new_eval_captions"],
+                                   "headroom eval captions")
+    ims, new_ims, _ = same_items(read["old_eval_images"], read["new_eval_images"],
+                                 "headroom eval images")
+    held = {"old_text": caps.emb, "new_text": new_caps.emb, "old_image": ims.emb,
+            "new_image": new_ims.emb}
 
     def cell(direction: str, query: np.ndarray, gallery: np.ndarray) -> dict:
         if direction == "i2t":
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
                       "update_gain_R1": round((result["R1"] - old) / (new - old), 2)}
     out = {"config": args.config, "overrides": args.overrides, "epochs": args.epochs,
            "projector": {"depth": shape.depth, "width": shape.width},
-           "training_pairs": int(keep.sum()), "held_out": {"images": len(ims),
+           "training_pairs": int(len(linked.left)), "held_out": {"images": len(ims),
                                                             "captions": len(caps)},
            "rows": rows}
     path = Path("benchmarks/results") / f"query_headroom-{config.run_name}.json"
