@@ -21,7 +21,7 @@ A bad row is either skipped and counted under a named reason (it keeps travellin
 | empty or whitespace-only caption | skipped: `empty_caption` |
 | caption that is not UTF-8 (binary column, or invalid bytes in a string column) | skipped: `non_utf8_caption` |
 | very long caption | embedded: truncated by the tokenizer to the context length (not counted) |
-| duplicate keys | refused: the embedding job checks the written keys (Ray Data group-by) and raises `shards ... hold 1 duplicate keys (e.g. 'k') ...` before marking the cache complete; `read_embeddings`, `write_embeddings` and every join refuse repeated keys too; null keys likewise |
+| duplicate keys | refused: the embedding job checks the written keys on a worker (one Ray task; a Ray Data group-by above 5M rows) and raises `shards ... hold 1 duplicate keys (e.g. 'k') ...` before marking the cache complete; `read_embeddings`, `write_embeddings` and every join refuse repeated keys too; null keys likewise |
 | parquet shard whose columns or types differ from the first shard | refused: `shard <file> has a different schema than <first>: lacks txt` (or `has image_id, which <first> lacks`, `txt is binary, not string`) |
 | shard lacking a required column, `jpg` not binary, or not parquet at all | refused: `shard <file> lacks columns ['jpg']`, `... expected binary image bytes`, `... is not a readable parquet file` |
 | embeddings of the wrong dimension | refused: `embedding file <f> has dim 6, metadata says 8`; `expect={"dim": ...}` refuses `has dim=8, expected 16` |

@@ -11,16 +11,17 @@ from xbt_ray.data import cache, paired
 from xbt_ray.train.distributed import epoch_batches
 
 
-def _write(directory, keys, image_ids, emb, modality, success=True):
+def _write(directory, keys, image_ids, emb, modality, success=True, rows_per_file=4):
     meta = cache.make_meta("m", "x", emb.shape[1], "d", modality)
     keys = np.array(keys, dtype=object)
     image_ids = np.array(image_ids, dtype=object)
     if success:
-        cache.write_embeddings(directory, keys, image_ids, emb, meta, rows_per_file=4)
+        cache.write_embeddings(directory, keys, image_ids, emb, meta, rows_per_file=rows_per_file)
     else:
-        for i, start in enumerate(range(0, len(keys), 4)):
-            cache.write_part(directory, i, keys[start:start + 4], image_ids[start:start + 4],
-                             emb[start:start + 4], meta)
+        for i, start in enumerate(range(0, len(keys), rows_per_file)):
+            end = start + rows_per_file
+            cache.write_part(directory, i, keys[start:end], image_ids[start:end], emb[start:end],
+                             meta)
     return directory
 
 
@@ -106,7 +107,21 @@ def test_lopsided_and_empty_joins_are_one_line_errors(ray_session, coco_caches, 
                            tmp_path / "p2", "test")
 
 
-def test_hand_written_cache_with_repeated_keys_is_refused(ray_session, tmp_path):
+def test_repeated_keys_counts_each_repeated_key_once_across_files(tmp_path):
+    keys = ["x", "b", "a"]
+    a = _write(tmp_path / "a", keys, keys, _unit(np.random.default_rng(4), 3, 4), "text",
+               success=False)
+    files = paired.cache_files(a)
+    assert paired.repeated_keys(files) == (0, None)
+    pq.write_table(pq.read_table(files[0]), tmp_path / "a" / "part-9.parquet")  # x, b, a again
+    assert paired.repeated_keys(paired.cache_files(a)) == (3, "a")
+
+
+@pytest.mark.parametrize("one_task_rows", [paired.ONE_TASK_KEY_CHECK_ROWS, 0],
+                         ids=["one-task", "group-by"])
+def test_hand_written_cache_with_repeated_keys_is_refused(ray_session, tmp_path, monkeypatch,
+                                                          one_task_rows):
+    monkeypatch.setattr(paired, "ONE_TASK_KEY_CHECK_ROWS", one_task_rows)
     rng = np.random.default_rng(2)
     keys = ["a", "b", "c", "d", "a", "e"]  # "a" in two files
     dup = _write(tmp_path / "dup", keys, keys, _unit(rng, 6, 4), "text", success=False)
@@ -121,8 +136,9 @@ def test_training_stream_differs_each_epoch_and_covers_every_row(ray_session, tm
     keys = [f"k{i:04d}" for i in range(n)]
     emb = _unit(rng, n, 4)
     emb[:, 0] = np.arange(n) / n + 1.0      # the row's index, readable from the vector
-    a = _write(tmp_path / "a", keys, keys, emb, "text")
-    b = _write(tmp_path / "b", keys, keys, _unit(rng, n, 4), "text")
+    # 100 rows a file (6 files a cache): a few hundred 4-row files only slow Ray Data's reads
+    a = _write(tmp_path / "a", keys, keys, emb, "text", rows_per_file=100)
+    b = _write(tmp_path / "b", keys, keys, _unit(rng, n, 4), "text", rows_per_file=100)
     pairs = paired.write_pairs({"a": a, "b": b}, {}, tmp_path / "pairs", "test")
     ds = paired.training_dataset(pairs, ["a", "b"], seed=0)
     trainer = TrainerConfig(shuffle_buffer_rows=256)

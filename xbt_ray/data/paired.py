@@ -58,6 +58,11 @@ MARKER = "_PAIRS.json"
 # Mean rows per file of a paired cache (files are filled by key hash, so sizes vary a little):
 # files are the unit of the per-epoch file shuffle
 ROWS_PER_FILE = 50_000
+# Caches of at most this many rows have their keys checked for repeats in one Ray task: a hash
+# group-by's fixed cost (its aggregator actors, 10-20 s on a 2-core cluster) dwarfs the check
+# there, and the key column (tens of bytes a key) fits one worker's memory
+ONE_TASK_KEY_CHECK_ROWS = 5_000_000
+ONE_TASK_KEY_CHECK_CPUS = 0.5
 
 
 @dataclass
@@ -100,18 +105,42 @@ def check_cache(directory: str | Path, role: str) -> tuple[list[str], dict]:
 
 
 def refuse_duplicate_keys(files: list[str], where: str) -> None:
-    """One-line ConfigError when the `key` column of these parquet files repeats a key; checked
-    with a Ray Data group-by on the workers (only the repeated keys' count reaches the driver)."""
+    """One-line ConfigError when the `key` column of these parquet files repeats a key. Checked
+    on the workers, never in the driver (only the repeated keys' count and one of them come
+    back): up to ONE_TASK_KEY_CHECK_ROWS rows (parquet footers) in one Ray task
+    (`repeated_keys`), more with a Ray Data group-by on the key."""
+    import ray
     import ray.data
 
-    repeated = (ray.data.read_parquet(files).select_columns(["key"])
-                .groupby("key", num_partitions=shuffle_partitions()).count()
-                .filter(lambda row: row["count()"] > 1))
-    sample = repeated.take(1)
-    if sample:
-        raise ConfigError(f"{where} holds {repeated.count()} duplicate keys (e.g. "
-                          f"{sample[0]['key']!r}); keys must be unique across files: deduplicate "
-                          "or re-key them")
+    if sum(cache.parquet_rows(files)) <= ONE_TASK_KEY_CHECK_ROWS:
+        check = ray.remote(num_cpus=ONE_TASK_KEY_CHECK_CPUS)(repeated_keys)
+        n_repeated, sample = ray.get(check.remote(files))
+    else:
+        repeated = (ray.data.read_parquet(files).select_columns(["key"])
+                    .groupby("key", num_partitions=shuffle_partitions()).count()
+                    .filter(lambda row: row["count()"] > 1))
+        first = repeated.take(1)
+        n_repeated, sample = (repeated.count(), first[0]["key"]) if first else (0, None)
+    if n_repeated:
+        raise ConfigError(f"{where} holds {n_repeated} duplicate keys (e.g. {sample!r}); keys "
+                          "must be unique across files: deduplicate or re-key them")
+
+
+def repeated_keys(files: list[str]) -> tuple[int, str | None]:
+    """(how many distinct keys occur more than once, the smallest of them or None) over the
+    `key` columns of these parquet files, read in this process. Keys are compared as strings
+    (ids are, everywhere in the project)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    keys = pa.chunked_array([pq.read_table(f, columns=["key"]).column("key").cast(pa.string())
+                             for f in files], type=pa.string())
+    counts = pc.value_counts(keys)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return 0, None
+    return len(repeated), pc.min(repeated).as_py()
 
 
 def shuffle_partitions() -> int:
