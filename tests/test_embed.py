@@ -209,3 +209,10 @@ def test_a_stopped_job_resumes_without_encoding_a_shard_twice(ray_session, model
     assert result.counts == {"rows_in": 4800, "rows_embedded": 4704, "deduplicated": 0,
                              "skipped": {"empty_caption": 96}}
     assert len(cache.read_embeddings(result.directory)) == 4704
+
+    # stopped after its last shard but before the key check: the rerun only checks and marks
+    (result.directory / cache.SUCCESS).unlink()
+    parts = {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")}
+    again = embed_shards(files, "text", model, root, EmbedConfig(batch_size=8, rows_per_part=100))
+    assert not again.reused and again.counts == result.counts
+    assert {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")} == parts

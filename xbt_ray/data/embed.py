@@ -156,7 +156,9 @@ def embed_shards(files: list[str], modality: str, model: ModelConfig, cache_root
             ds = ds.map_batches(drop_shards, fn_kwargs={"done": sorted(finished)},
                                 batch_format="pyarrow", batch_size=None)
     else:
-        ds = shards.read_rows([files[i] for i in pending], columns, shard_of=files)
+        # every shard done (a job stopped after its last shard, before the key check): no read
+        ds = (shards.read_rows([files[i] for i in pending], columns, shard_of=files)
+              if pending else None)
         expected = {i: (n, n) for i, n in enumerate(shards.rows_per_shard(files))}
     log.info("embedding %s/%s with %s: %d shards, %d already done, %d to embed", modality,
              dataset_fp, model.name, len(files), len(finished), len(pending))
