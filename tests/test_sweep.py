@@ -25,7 +25,7 @@ SPACE_TINY = ROOT / "tune" / "space-tiny.yaml"
 # --- search space, trial configs, concurrency ------------------------------------------------
 
 def test_space_files_are_checked_against_the_schema():
-    for path in (ROOT / "tune" / "space.yaml", SPACE_TINY):
+    for path in (ROOT / "tune" / "space.yaml", ROOT / "tune" / "space-oldfree.yaml", SPACE_TINY):
         space = sweep.load_space(path)
         assert space and all("." in key for key in space)
     full = sweep.load_space(ROOT / "tune" / "space.yaml")
@@ -159,6 +159,36 @@ def test_primary_metric_is_the_mean_r1_update_gain_with_a_floored_denominator():
     assert sweep.primary_metric(_report((20, 10), (40, 30), (40, 10)), "m->old") == 0.5
     # new->new not ahead of old->old: the denominator is floored at 1 point
     assert sweep.primary_metric(_report((5, 5), (4, 5), (7, 4)), "m->old") == 0.5
+
+
+def test_summary_and_leaderboard_carry_the_method_rows_r1_rsum_and_passing_cells():
+    from xbt_ray.sweep.driver import _leaderboard_csv, format_leaderboard
+
+    report = _report((20, 10), (40, 30), (30, 9))
+    method = report["rows"][2]
+    method["rsum"] = 150.0
+    method["update_gain"] = {"i2t": {"R1": 0.5}, "t2i": {"R1": -0.05}}
+    # hand-set strict-criterion flags: 4 of 6 cells pass
+    method["compatible"] = {"i2t": {"R1": True, "R5": True, "R10": True},
+                            "t2i": {"R1": False, "R5": True, "R10": False}}
+    summary = sweep.summarise(report, "m->old")
+    assert (summary["i2t_R1"], summary["t2i_R1"], summary["rsum"], summary["cells"]) == (
+        30, 9, 150.0, 4)
+    assert summary["primary"] == pytest.approx((0.5 - 0.05) / 2)
+    rows = [{"trial": "t1", "status": "completed", "diverged": False, "reports": 3,
+             "primary": summary["primary"], "method": "m->old", "i2t_R1": 30.0,
+             "t2i_R1": 9.0, "rsum": 150.0, "cells": 4, "params": {"stage1.noise_sigma": 0.1}},
+            {"trial": "t2", "status": "error", "diverged": False, "reports": 0,
+             "primary": float("nan"), "method": "", "i2t_R1": None, "t2i_R1": None,
+             "rsum": None, "cells": None, "params": {"stage1.noise_sigma": 0.2}}]
+    board = format_leaderboard(rows).splitlines()
+    assert [c.strip() for c in board[0].split("|")[6:10]] == ["I2T R1", "T2I R1", "RSUM", "cells ✓"]
+    assert [c.strip() for c in board[2].split("|")[6:10]] == ["30", "9", "150", "4"]
+    assert [c.strip() for c in board[3].split("|")[6:10]] == ["-", "-", "-", "-"]
+    csv_lines = _leaderboard_csv(rows).splitlines()
+    assert csv_lines[0].startswith("trial,status,diverged,reports,primary,method,i2t_R1,t2i_R1,"
+                                   "rsum,cells,stage1.noise_sigma")
+    assert csv_lines[1].endswith(",30.0,9.0,150.0,4,0.1")
 
 
 def test_validator_reports_old_new_and_the_projected_method():

@@ -197,6 +197,10 @@ class SweepResult:
     sweep_dir: Path
 
 
+# the last report's method row on the validation split, beside the primary metric
+RESULT_COLUMNS = ("i2t_R1", "t2i_R1", "rsum", "cells")
+
+
 def leaderboard(results, space_keys: list[str], full: int, stopped: dict[str, int]) -> list[dict]:
     """One row per trial, best first: trials that ran to the end before stopped, diverged or
     failed ones, each by its last primary metric. `stopped`: trials ASHA stopped early."""
@@ -213,6 +217,7 @@ def leaderboard(results, space_keys: list[str], full: int, stopped: dict[str, in
                      "diverged": bool(metrics.get("diverged")),
                      PRIMARY: float(value) if value is not None else float("nan"),
                      "method": metrics.get("method", ""),
+                     **{name: metrics.get(name) for name in RESULT_COLUMNS},
                      "params": {k: _plain(result.config.get(k)) for k in space_keys},
                      "config": dict(result.config)})
 
@@ -225,6 +230,8 @@ def leaderboard(results, space_keys: list[str], full: int, stopped: dict[str, in
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return str(value)
@@ -232,9 +239,10 @@ def _fmt(value) -> str:
 
 def format_leaderboard(rows: list[dict]) -> str:
     keys = list(rows[0]["params"]) if rows else []
-    header = ["#", "trial", "status", PRIMARY, "method"] + keys
+    header = (["#", "trial", "status", PRIMARY, "method", "I2T R1", "T2I R1", "RSUM", "cells ✓"]
+              + keys)
     body = [[str(i + 1), r["trial"], r["status"] + (" (diverged)" if r["diverged"] else ""),
-             _fmt(r[PRIMARY]), r["method"]]
+             _fmt(r[PRIMARY]), r["method"]] + [_fmt(r[c]) for c in RESULT_COLUMNS]
             + [_fmt(r["params"][k]) for k in keys] for i, r in enumerate(rows)]
     return "\n".join(markdown_table(header, body))
 
@@ -243,10 +251,11 @@ def _leaderboard_csv(rows: list[dict]) -> str:
     keys = list(rows[0]["params"]) if rows else []
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", "status", "diverged", "reports", PRIMARY, "method"] + keys)
+    writer.writerow(["trial", "status", "diverged", "reports", PRIMARY, "method",
+                     *RESULT_COLUMNS] + keys)
     for r in rows:
         writer.writerow([r["trial"], r["status"], r["diverged"], r["reports"], r[PRIMARY],
-                         r["method"]]
+                         r["method"], *(r[c] for c in RESULT_COLUMNS)]
                         + [r["params"][k] for k in keys])
     return out.getvalue()
 

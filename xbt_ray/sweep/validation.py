@@ -17,6 +17,7 @@ from xbt_ray.config import ConfigError, EvalConfig
 from xbt_ray.data.cache import Embeddings, as_ids
 from xbt_ray.data.join import join, same_items
 from xbt_ray.eval import methods
+from xbt_ray.eval.report import cells_passed
 
 PRIMARY = "primary"
 PAIR_ROLES = ("old_pair_images", "new_pair_images", "old_pair_texts", "new_pair_texts")
@@ -134,11 +135,13 @@ class Validator:
 
 
 def summarise(report: dict, method: str) -> dict:
-    """What a Tune result carries: the primary metric, the method row's R@1s, gains and RSUM,
-    and the whole report (JSON text, so Tune's loggers keep it as one value)."""
+    """What a Tune result carries: the primary metric, the method row's R@1s, gains, RSUM and
+    the number of its cells (of 6) that pass the strict criterion against old->old, and the
+    whole report (JSON text, so Tune's loggers keep it as one value)."""
     row = next(r for r in report["rows"] if r["method"] == method)
     gain = {d: row["update_gain"][d]["R1"] for d in ("i2t", "t2i")}
     return {PRIMARY: primary_metric(report, method), "method": method,
             "i2t_R1": row["i2t"]["R1"], "t2i_R1": row["t2i"]["R1"], "rsum": row["rsum"],
+            "cells": cells_passed(row),
             **{f"gain_{d}_R1": float("nan") if g is None else g for d, g in gain.items()},
             "report": json.dumps(report)}
