@@ -208,3 +208,25 @@ def test_query_headroom_fit_learns_a_map_it_can_learn():
             query = net(torch.nn.functional.normalize(torch.from_numpy(source), dim=-1))
         r1 = recall_at_k(query.numpy(), targets, ids, np.arange(200), ks=(1,))[1]
         assert low <= r1 <= high, r1
+
+
+def test_modality_gap_hand_computed():
+    import numpy as np
+    import pytest
+
+    from benchmarks.modality_gap import modality_gap
+    from xbt_ray.data.cache import Embeddings, as_ids
+
+    images = Embeddings(as_ids(["a", "b"]), as_ids(["a", "b"]),
+                        np.array([[1, 0], [0, 1]], np.float32), {})
+    # c1 -> a at cosine 1, c2 -> a at cosine 0, c3 -> b at cosine 1 (not unit length: normalised)
+    captions = Embeddings(as_ids(["c1", "c2", "c3"]), as_ids(["a", "a", "b"]),
+                          np.array([[1, 0], [0, 1], [0, 2]], np.float32), {})
+    gap = modality_gap(images, captions)
+    assert gap["caption_rows"] == 3 and gap["dim"] == 2
+    assert gap["paired_cosine"] == pytest.approx(2 / 3, abs=1e-4)
+    # caption mean (1/3, 2/3); the mean of each caption's image (2/3, 1/3)
+    assert gap["text_mean_norm"] == pytest.approx(5 ** 0.5 / 3, abs=1e-4)
+    assert gap["gap_vector_norm"] == pytest.approx(2 ** 0.5 / 3, abs=1e-4)
+    # sigma = sqrt((1 / (4/9) - 1) / 2) = sqrt(0.625)
+    assert gap["matched_noise_sigma"] == pytest.approx(0.625 ** 0.5, abs=1e-4)

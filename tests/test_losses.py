@@ -14,6 +14,7 @@ from xbt_ray.train.losses import (
     gather_constant,
     gather_with_grad,
     info_nce,
+    matched_noise_sigma,
     stage1_loss,
     stage2_loss,
 )
@@ -89,6 +90,22 @@ def test_add_noise_unit_norm_and_sigma_zero():
     assert torch.allclose(noisy.norm(dim=-1), torch.ones(10), atol=1e-6)
     assert not torch.allclose(noisy, a / a.norm(dim=-1, keepdim=True))
     assert torch.allclose(add_noise(a, 0.0), a / a.norm(dim=-1, keepdim=True), atol=1e-7)
+
+
+def test_matched_noise_sigma_hand_computed_and_reached_by_add_noise():
+    # c = 0.9, d = 96: (1/0.81 - 1) / 96 = 0.0024434, sqrt = 0.049431
+    assert matched_noise_sigma(0.9, 96) == pytest.approx(0.049431, abs=1e-6)
+    # c = 0.5, d = 3: (4 - 1) / 3 = 1
+    assert matched_noise_sigma(0.5, 3) == pytest.approx(1.0)
+    assert matched_noise_sigma(1.0, 64) == 0.0
+    # the noise at that sigma moves unit vectors to the target mean cosine
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(20000, 96, generator=g), dim=-1)
+    noisy = add_noise(a, matched_noise_sigma(0.9, 96), generator=g)
+    assert (a * noisy).sum(-1).mean().item() == pytest.approx(0.9, abs=0.003)
+    for bad in ((0.0, 96), (1.2, 96), (0.9, 0)):
+        with pytest.raises(ValueError, match="paired cosine"):
+            matched_noise_sigma(*bad)
 
 
 def test_add_noise_generator_is_reproducible():

@@ -44,6 +44,8 @@ def test_space_files_are_checked_against_the_schema():
     ("stage1.lr: {uniform: [1, 0]}\n", "low < high"),
     ("projector.depth: {choice: [1, two]}\n", "projector.depth"),
     ("[1, 2]\n", "must map"),
+    # each key fits the schema, but a grid point is not a valid trial config
+    ("stage2.text_weight: {grid: [0.0, 1.0]}\nstage2.psi_lr: 0.0\n", "stage2.psi_lr > 0"),
 ])
 def test_space_errors_are_one_line_and_name_the_problem(tmp_path, text, needle):
     path = tmp_path / "space.yaml"

@@ -4,6 +4,7 @@ of the base config (the trial's config, its stage-2 recipe and method name)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,26 @@ DISTRIBUTIONS = {
 def load_space(path: str | Path, base: Config | None = None) -> dict:
     """Read a search space: `dotted.config.key: {choice|grid: [..]}` or `{uniform|loguniform|
     randint: [low, high]}` or a plain value (fixed for every trial). Every key and each bound or
-    option is checked against the config schema, so a typo fails before any trial starts."""
+    option is checked against the config schema, and every combination of the grid values (the
+    other keys at their first option or low bound) is validated as a whole trial config, so a
+    typo or a conflict between keys (e.g. stage2.text_weight > 0 with stage2.psi_lr 0) fails in
+    one line before any trial starts. Raises ConfigError."""
     doc = read_yaml(path, "search space file") or {}
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(f"search space {path} must map config keys to distributions")
     base = base or Config()
-    for key, spec in doc.items():
-        for value in _sample_values(key, spec):
+    values = {key: _sample_values(key, spec) for key, spec in doc.items()}
+    for key, options in values.items():
+        for value in options:
             _merge(base, _nested({key: value}))
+    grids = [key for key, spec in doc.items() if isinstance(spec, dict) and "grid" in spec]
+    for combination in itertools.product(*(values[key] for key in grids)):
+        point = {key: options[0] for key, options in values.items()} | dict(zip(grids, combination))
+        try:
+            trial_config(base, point)
+        except ConfigError as error:
+            raise ConfigError(f"search space {path}: the trial {point} is invalid: "
+                              f"{error}") from None
     return doc
 
 

@@ -2,6 +2,8 @@
 noise, the stage-1 and stage-2 objectives, and cross-rank gathering."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -102,6 +104,22 @@ def add_noise(a: torch.Tensor, sigma: float,
         return a
     eps = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
     return F.normalize(a + sigma * eps, dim=-1)
+
+
+def matched_noise_sigma(paired_cosine: float, dim: int) -> float:
+    """The stage-1 noise sigma at which `add_noise` moves a unit text embedding as far (in mean
+    cosine) as the new model's images sit from their own captions: the measured image-text
+    modality gap (issue 17), where method.md has a fixed sigma of about 0.1.
+
+    For unit a and eps ~ N(0, I_dim), |a + sigma eps|^2 ~ 1 + dim sigma^2 and a.(a + sigma eps)
+    ~ 1, so E cos(a, norm(a + sigma eps)) ~ 1 / sqrt(1 + dim sigma^2). Setting that to the mean
+    paired cosine c of (new image, its caption) gives sigma = sqrt((1 / c^2 - 1) / dim).
+    `dim`: the new model's embedding size. Raises ValueError unless 0 < c <= 1 and dim >= 1.
+    """
+    if not 0 < paired_cosine <= 1 or dim < 1:
+        raise ValueError(f"matched_noise_sigma needs 0 < paired cosine <= 1 and dim >= 1, "
+                         f"got {paired_cosine}, {dim}")
+    return math.sqrt((1 / paired_cosine ** 2 - 1) / dim)
 
 
 ANCHOR_TERMS = {  # term -> (which projected new embedding, which cached old target)
