@@ -31,19 +31,16 @@ import numpy as np
 from xbt_ray.config import load_config
 from xbt_ray.data import cache
 from xbt_ray.data.join import join
+from xbt_ray.eval.retrieval import unit_rows
 from xbt_ray.pipeline import inputs_step, need
 from xbt_ray.train.losses import matched_noise_sigma
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def modality_gap(images, captions) -> dict:
     """images, captions: `cache.Embeddings` of one model (captions carry their image_id).
     Returns the paired-cosine statistics and the matched stage-1 noise sigma."""
     linked = join(captions, images, "modality gap: captions -> images", on="image_id")
-    text, image = _unit(captions.emb[linked.left]), _unit(images.emb[linked.right])
+    text, image = unit_rows(captions.emb[linked.left]), unit_rows(images.emb[linked.right])
     paired = float(np.mean(np.sum(text * image, axis=1)))
     text_mean, image_mean = text.mean(0), image.mean(0)
     return {"caption_rows": int(len(text)), "dim": int(text.shape[1]),
