@@ -230,3 +230,29 @@ def test_modality_gap_hand_computed():
     assert gap["gap_vector_norm"] == pytest.approx(2 ** 0.5 / 3, abs=1e-4)
     # sigma = sqrt((1 / (4/9) - 1) / 2) = sqrt(0.625)
     assert gap["matched_noise_sigma"] == pytest.approx(0.625 ** 0.5, abs=1e-4)
+
+
+def test_demo_clip_floor_counts_the_recipes_steps_on_the_tiny_world(tmp_path):
+    """benchmarks.demo_clip_floor on the tiny world and models: the optimizer steps are the
+    recipe's (rows // batch x epochs, as clip_loop counts them), the floor is steps x the
+    measured step, the fraction is floor / the measured time given, and the JSON is written.
+    No timing assertion."""
+    from benchmarks import demo_clip_floor
+    from xbt_ray.data import shards
+
+    out = tmp_path / "floor.json"
+    demo_clip_floor.main(["--config", str(ROOT / "xbt_ray" / "configs" / "tiny.yaml"),
+                          "--repeats", "1", "--window", "1", "--measured", "old=100",
+                          "--out", str(out), f"cache_dir={tmp_path / 'cache'}",
+                          "train_new.epochs=3", "train_new.batch_size=32"])
+    res = json.loads(out.read_text())
+    files = shards.list_shards(str(next((tmp_path / "cache" / "world").iterdir()) / "image_text"))
+    rows = shards.shard_rows(files)
+    assert res["image_text_rows"] == rows
+    old, new = res["models"]["old"], res["models"]["new"]
+    assert old["optimizer_steps"] == rows // 64 and new["optimizer_steps"] == rows // 32 * 3
+    for m in (old, new):
+        assert m["step_s"] > 0 and m["decode_s_per_row"] > 0
+        assert m["train_floor_s"] == m["optimizer_steps"] * m["step_s"]
+    assert old["floor_fraction"] == old["train_floor_s"] / 100 and "measured_s" not in new
+    assert res["train_floor_s"] == old["train_floor_s"] + new["train_floor_s"]

@@ -222,6 +222,7 @@ def make_engine(module: torch.nn.Module, params, trainer: TrainerConfig, micro_b
     """
     import deepspeed
 
+    _skip_inference_comm_op()
     _lift_scalar_parameters(module)
     if params is None:  # every trainable parameter, looked up after the lift above
         params = [p for p in module.parameters() if p.requires_grad]
@@ -237,6 +238,27 @@ def make_engine(module: torch.nn.Module, params, trainer: TrainerConfig, micro_b
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(trainer, micro_batch))
     return engine
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def _skip_inference_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
+
+    On the CPU accelerator, DeepSpeed's torch comm backend builds `deepspeed_shm_comm` (a C++
+    extension, compiled by the host's g++ through ninja) whenever it starts. The build takes 42 s
+    on 2 cores, once per Python environment, and again when the environment's path changes. The
+    op serves only `inference_all_reduce` (deepspeed/comm/torch.py, DeepSpeed 0.19). Training's
+    collectives go through torch.distributed either way, so weights do not change. Marking the op
+    incompatible in DeepSpeed's probe table, which that module caches for edits, makes
+    `build_shm_op` return None. CUDA accelerators have no such builder; this changes nothing there.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[SHM_COMM_OP] = False
 
 
 def _lift_scalar_parameters(module: torch.nn.Module) -> None:
