@@ -5,8 +5,10 @@ A cold demo trains the old and the new CLIP from scratch (`xbt_ray.train.demo_cl
 the recipe's training step as a bare single-process torch loop (all cores' threads, the whole
 global batch: forward, CLIP's symmetric InfoNCE at the model's learned temperature, backward,
 AdamW, no Ray, no DeepSpeed, no data loading), times the recipe's optimizer steps
-(`rows // batch_size` per epoch, as `clip_loop` counts them). Beside it, the CPU work of the
-data stage (JPEG decode, resize, tokenise: `shards.decode_pairs`, the pipeline's own UDF) per
+(`rows // batch_size` per epoch, as `clip_loop` counts them for its schedule; rows in, broken
+ones included, so the floor is high by the broken share: 0.8% on the demo world). Beside it,
+the CPU work of the data stage (JPEG decode, resize, tokenise: `shards.decode_pairs`, the
+pipeline's own UDF) per
 epoch, which shares the same cores in the pipeline.
 
 Batches are real rows of the demo world's image-text shards (pixels and tokens as training

@@ -11,7 +11,7 @@ from xbt_ray.config import TrainerConfig
 
 def _engine_worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -22,7 +22,8 @@ def _engine_worker(rank, port, out):
         torch.manual_seed(0)
         engine = make_engine(torch.nn.Linear(4, 2), None, TrainerConfig(zero_stage=1), 2,
                              lr=0.1, weight_decay=0.0, total_steps=1, warmup_steps=0)
-        x = torch.full((2, 4), float(rank + 1))
+        # the ranks' gradients have opposite signs; their mean (-2 per weight) is negative
+        x = torch.full((2, 4), 1.0 if rank == 0 else -3.0)
         engine.backward(engine(x).sum())
         engine.step()
         out[rank] = {"shm_op_built": ds_comm.cdb.shm_comm_op is not None,
@@ -34,8 +35,11 @@ def _engine_worker(rank, port, out):
 
 def test_cpu_engine_trains_without_building_the_shared_memory_comm_op():
     """make_engine keeps DeepSpeed from compiling (or loading) `deepspeed_shm_comm`, which only
-    inference_all_reduce uses, and the engine still takes a data-parallel step: both ranks hold
-    the same updated weights. Without the skip, DeepSpeed's comm backend builds the op with g++
+    inference_all_reduce uses, and the engine still takes a data-parallel step. The loss is the
+    sum of the outputs, so each weight's gradient is the sum of its input column: +2 on rank 0,
+    -6 on rank 1, mean -2. AdamW's first step moves a weight by lr against the sign of its
+    (averaged) gradient, so every weight on both ranks is its start + 0.1; unaveraged gradients
+    would move rank 0's by -0.1. Without the skip, DeepSpeed's comm backend builds the op with g++
     and registers torch.ops.deepspeed.inference_all_reduce_."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,5 +51,5 @@ def test_cpu_engine_trains_without_building_the_shared_memory_comm_op():
         assert out[rank]["op_registered"] is False
     torch.manual_seed(0)
     start = torch.nn.Linear(4, 2).weight.detach()
-    assert torch.equal(out[0]["weight"], out[1]["weight"])
-    assert not torch.equal(out[0]["weight"], start)
+    for rank in range(2):
+        torch.testing.assert_close(out[rank]["weight"], start + 0.1, rtol=0, atol=1e-5)

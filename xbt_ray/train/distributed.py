@@ -247,15 +247,19 @@ def _skip_inference_comm_op() -> None:
     """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op.
 
     On the CPU accelerator, DeepSpeed's torch comm backend builds `deepspeed_shm_comm` (a C++
-    extension, compiled by the host's g++ through ninja) whenever it starts. The build takes 42 s
-    on 2 cores, once per Python environment, and again when the environment's path changes. The
-    op serves only `inference_all_reduce` (deepspeed/comm/torch.py, DeepSpeed 0.19). Training's
-    collectives go through torch.distributed either way, so weights do not change. Marking the op
-    incompatible in DeepSpeed's probe table, which that module caches for edits, makes
-    `build_shm_op` return None. CUDA accelerators have no such builder; this changes nothing there.
+    extension, compiled by the host's g++ through ninja) whenever it starts: about 40 s on
+    2 cores, once per Python environment, and again when the environment's path changes. The op
+    serves only `inference_all_reduce` (deepspeed/comm/torch.py, DeepSpeed 0.19). Training's
+    collectives go through torch.distributed either way, so weights do not change. Marking the
+    op incompatible in DeepSpeed's probe table, which that module caches for edits, makes
+    `build_shm_op` return None. Accelerators without the builder (CUDA) are left alone, so
+    their processes do not run the probe.
     """
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is None:
+        return
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compatible, dict):
         compatible[SHM_COMM_OP] = False
