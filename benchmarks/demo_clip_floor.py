@@ -8,8 +8,7 @@ AdamW, no Ray, no DeepSpeed, no data loading), times the recipe's optimizer step
 (`rows // batch_size` per epoch, as `clip_loop` counts them for its schedule; rows in, broken
 ones included, so the floor is high by the broken share: 0.8% on the demo world). Beside it,
 the CPU work of the data stage (JPEG decode, resize, tokenise: `shards.decode_pairs`, the
-pipeline's own UDF) per
-epoch, which shares the same cores in the pipeline.
+pipeline's own UDF) per epoch, which shares the same cores in the pipeline.
 
 Batches are real rows of the demo world's image-text shards (pixels and tokens as training
 sees them), so caption lengths are real. Median over `--repeats` windows of `--window` steps,
