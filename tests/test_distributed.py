@@ -1,36 +1,29 @@
 """DeepSpeed engines of xbt_ray.train.distributed on CPU, two gloo ranks, no Ray."""
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 from xbt_ray.config import TrainerConfig
 
 
-def _engine_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+def _engine_step(rank, world):
+    os.environ["DS_ACCELERATOR"] = "cpu"   # before DeepSpeed is imported
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        import deepspeed.comm.comm as ds_comm
+    import deepspeed.comm.comm as ds_comm
 
-        from xbt_ray.train.distributed import make_engine
+    from xbt_ray.train.distributed import make_engine
 
-        torch.manual_seed(0)
-        engine = make_engine(torch.nn.Linear(4, 2), None, TrainerConfig(zero_stage=1), 2,
-                             lr=0.1, weight_decay=0.0, total_steps=1, warmup_steps=0)
-        # the ranks' gradients have opposite signs; their mean (-2 per weight) is negative
-        x = torch.full((2, 4), 1.0 if rank == 0 else -3.0)
-        engine.backward(engine(x).sum())
-        engine.step()
-        out[rank] = {"shm_op_built": ds_comm.cdb.shm_comm_op is not None,
-                     "op_registered": hasattr(torch.ops.deepspeed, "inference_all_reduce_"),
-                     "weight": engine.module.weight.detach().clone()}
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    engine = make_engine(torch.nn.Linear(4, 2), None, TrainerConfig(zero_stage=1), 2,
+                         lr=0.1, weight_decay=0.0, total_steps=1, warmup_steps=0)
+    # the ranks' gradients have opposite signs; their mean (-2 per weight) is negative
+    x = torch.full((2, 4), 1.0 if rank == 0 else -3.0)
+    engine.backward(engine(x).sum())
+    engine.step()
+    return {"shm_op_built": ds_comm.cdb.shm_comm_op is not None,
+            "op_registered": hasattr(torch.ops.deepspeed, "inference_all_reduce_"),
+            "weight": engine.module.weight.detach().clone()}
 
 
 def test_cpu_engine_trains_without_building_the_shared_memory_comm_op():
@@ -41,11 +34,7 @@ def test_cpu_engine_trains_without_building_the_shared_memory_comm_op():
     (averaged) gradient, so every weight on both ranks is its start + 0.1; unaveraged gradients
     would move rank 0's by -0.1. Without the skip, DeepSpeed's comm backend builds the op with g++
     and registers torch.ops.deepspeed.inference_all_reduce_."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_engine_worker, args=(port, out), nprocs=2, join=True)
+    out = run_ranks(_engine_step, 2)
     for rank in range(2):
         assert out[rank]["shm_op_built"] is False
         assert out[rank]["op_registered"] is False

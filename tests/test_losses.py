@@ -1,12 +1,10 @@
 """Hand-computed checks of the stage-1 losses, noise, and cross-rank gathering."""
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 from xbt_ray.train.losses import (
     add_noise,
@@ -123,26 +121,17 @@ def test_gather_with_grad_without_distributed_is_identity():
     assert torch.equal(x.grad, torch.ones(3, 4))
 
 
-def _gather_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
-        y = gather_with_grad(x)
-        # weight rows by their global index so each rank's slice has a distinct gradient
-        weights = torch.arange(1, 2 * world + 1, dtype=torch.float32)[:, None]
-        (y * weights).sum().backward()
-        out[rank] = (y.detach().clone(), x.grad.clone())
-    finally:
-        dist.destroy_process_group()
+def _gather_step(rank, world):
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    y = gather_with_grad(x)
+    # weight rows by their global index so each rank's slice has a distinct gradient
+    weights = torch.arange(1, 2 * world + 1, dtype=torch.float32)[:, None]
+    (y * weights).sum().backward()
+    return y.detach().clone(), x.grad.clone()
 
 
 def test_gather_with_grad_two_ranks_keeps_local_gradient():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(2, port, out), nprocs=2, join=True)
+    out = run_ranks(_gather_step, 2)
     for rank in range(2):
         y, grad = out[rank]
         assert torch.equal(y, torch.tensor([[1.0] * 3] * 2 + [[2.0] * 3] * 2))  # rank order
@@ -204,20 +193,15 @@ def test_gather_constant_without_distributed_is_identity():
     assert gather_constant(x) is x
 
 
-def _stage2_worker(rank, world, port, inputs, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        u, v, ids, old_i, old_t = (x.chunk(world)[rank].clone() for x in inputs)
-        u.requires_grad_(True)
-        weights = {"image_to_old_text": 1.0, "text_to_old_image": 1.0}
-        loss, _ = stage2_loss(u, v, ids, 0.1, 1.0, weights, old_i, old_t)
-        loss.backward()
-        grads = [torch.zeros_like(u.grad) for _ in range(world)]
-        dist.all_gather(grads, u.grad)
-        out[rank] = (loss.item(), torch.cat(grads))
-    finally:
-        dist.destroy_process_group()
+def _stage2_step(rank, world, inputs):
+    u, v, ids, old_i, old_t = (x.chunk(world)[rank].clone() for x in inputs)
+    u.requires_grad_(True)
+    weights = {"image_to_old_text": 1.0, "text_to_old_image": 1.0}
+    loss, _ = stage2_loss(u, v, ids, 0.1, 1.0, weights, old_i, old_t)
+    loss.backward()
+    grads = [torch.zeros_like(u.grad) for _ in range(world)]
+    dist.all_gather(grads, u.grad)
+    return loss.item(), torch.cat(grads)
 
 
 def test_stage2_loss_two_workers_match_one_global_batch():
@@ -230,11 +214,7 @@ def test_stage2_loss_two_workers_match_one_global_batch():
     weights = {"image_to_old_text": 1.0, "text_to_old_image": 1.0}
     loss, _ = stage2_loss(u, inputs[1], inputs[2], 0.1, 1.0, weights, inputs[3], inputs[4])
     loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_stage2_worker, args=(2, port, inputs, out), nprocs=2, join=True)
+    out = run_ranks(_stage2_step, 2, inputs)
     for rank in range(2):
         worker_loss, grads = out[rank]
         assert worker_loss == pytest.approx(loss.item(), abs=1e-5)

@@ -1,13 +1,11 @@
 """Stage 2: global-batch loss across workers, LoRA with the old model absent, export, resume."""
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 from safetensors.torch import load_file
 
 from xbt_ray.config import ModelConfig
@@ -35,28 +33,19 @@ def _loss_and_grads(x, y, tower_x, tower_y):
     return loss.detach(), grads
 
 
-def _half_batch_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        x, y, tower_x, tower_y = _batch_and_model()
-        half = slice(4 * rank, 4 * rank + 4)
-        loss, grads = _loss_and_grads(x[half], y[half], tower_x, tower_y)
-        for g in grads:  # what DeepSpeed / DDP do with data-parallel gradients: average
-            dist.all_reduce(g)
-            g /= 2
-        out[rank] = (loss, grads)
-    finally:
-        dist.destroy_process_group()
+def _half_batch_step(rank, world):
+    x, y, tower_x, tower_y = _batch_and_model()
+    half = slice(4 * rank, 4 * rank + 4)
+    loss, grads = _loss_and_grads(x[half], y[half], tower_x, tower_y)
+    for g in grads:  # what DeepSpeed / DDP do with data-parallel gradients: average
+        dist.all_reduce(g)
+        g /= world
+    return loss, grads
 
 
 def test_two_workers_with_half_batches_match_one_worker_with_the_whole_batch():
     whole_loss, whole_grads = _loss_and_grads(*_batch_and_model())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_half_batch_worker, args=(port, out), nprocs=2, join=True)
+    out = run_ranks(_half_batch_step, 2)
     for rank in range(2):
         loss, grads = out[rank]
         torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
