@@ -5,8 +5,8 @@ A cold demo trains the old and the new CLIP from scratch (`xbt_ray.train.demo_cl
 the recipe's training step as a bare single-process torch loop (all cores' threads, the whole
 global batch: forward, CLIP's symmetric InfoNCE at the model's learned temperature, backward,
 AdamW, no Ray, no DeepSpeed, no data loading), times the recipe's optimizer steps
-(`rows // batch_size` per epoch, as `clip_loop` counts them for its schedule; rows in, broken
-ones included, so the floor is high by the broken share: 0.8% on the demo world). Beside it,
+(`demo_clip.steps_per_epoch`, as `clip_loop` schedules them: rows in, broken ones included,
+so the floor is high by the broken share: 0.8% on the demo world). Beside it,
 the CPU work of the data stage (JPEG decode, resize, tokenise: `shards.decode_pairs`, the
 pipeline's own UDF) per epoch, which shares the same cores in the pipeline.
 
@@ -39,7 +39,8 @@ from xbt_ray.config import load_config
 from xbt_ray.data import shards
 from xbt_ray.models import clip
 from xbt_ray.pipeline import build_demo_world
-from xbt_ray.train.losses import info_nce
+from xbt_ray.train.demo_clip import steps_per_epoch
+from xbt_ray.train.losses import contrastive_loss
 
 
 def real_batch(files: list[str], rows: int, model_name: str) -> tuple[dict, float]:
@@ -72,7 +73,7 @@ def step_seconds(model_name: str, lock_text: bool, batch: dict, lr: float, repea
 
     def step():
         image_f, text_f, scale = model(images, batch["tokens"])
-        loss = info_nce(image_f, text_f, 1 / scale)
+        loss = contrastive_loss(image_f, text_f, 1 / scale)   # clip_loop's loss, one rank
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,7 +99,7 @@ def measure(config, repeats: int, window: int, measured: dict[str, float]) -> di
         name, recipe = getattr(config, which).name, getattr(config, f"train_{which}")
         batch, decode_s = real_batch(files, recipe.batch_size, name)
         step_s = step_seconds(name, recipe.lock_text_tower, batch, recipe.lr, repeats, window)
-        steps = rows // recipe.batch_size * recipe.epochs
+        steps = steps_per_epoch(rows, recipe) * recipe.epochs
         row = {"model": name, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
                "optimizer_steps": steps, "step_s": step_s, "train_floor_s": steps * step_s,
                "decode_s_per_row": decode_s, "decode_cpu_s": decode_s * rows * recipe.epochs}

@@ -36,6 +36,14 @@ class ClipJob:
     rows: int         # image-text rows per epoch (shard footers / tar headers)
 
 
+def steps_per_epoch(rows: int, recipe: ClipTrainConfig) -> int:
+    """Optimizer steps per epoch in the learning-rate schedule and the progress lines: rows in
+    (broken ones included: counted from shard footers, not from a pass over the data) // the
+    global batch. An epoch takes usable rows // batch steps (`drop_last`), up to the broken
+    share fewer."""
+    return rows // recipe.batch_size
+
+
 def clip_loop(job: ClipJob, reporting: distributed.Reporting) -> None:
     """Per-worker training loop: CLIP's symmetric InfoNCE over the global batch with the
     model's learned temperature (1 / logit_scale, clamped to <= 100 as in CLIP)."""
@@ -50,15 +58,15 @@ def clip_loop(job: ClipJob, reporting: distributed.Reporting) -> None:
     start_epoch, done_steps = distributed.restore(model)
 
     micro = recipe.batch_size // world
-    steps_per_epoch = job.rows // recipe.batch_size
+    epoch_steps = steps_per_epoch(job.rows, recipe)
     engine = distributed.make_engine(
         model, None, trainer, micro, recipe.lr, recipe.weight_decay,
-        total_steps=steps_per_epoch * recipe.epochs, warmup_steps=recipe.warmup_steps,
-        start_step=steps_per_epoch * start_epoch)
+        total_steps=epoch_steps * recipe.epochs, warmup_steps=recipe.warmup_steps,
+        start_step=epoch_steps * start_epoch)
     dtype = distributed.engine_dtype(engine)
     preprocess = model.visual.preprocess_cfg
     shard = ray.train.get_dataset_shard("train")
-    progress = distributed.Progress(reporting, rank, steps_per_epoch, recipe.epochs, start_epoch,
+    progress = distributed.Progress(reporting, rank, epoch_steps, recipe.epochs, start_epoch,
                                     micro * world)
     for epoch in range(start_epoch, recipe.epochs):
         engine.train()
